@@ -1,0 +1,31 @@
+# make serve: install, register the model if missing (demo unless MODEL_VERSION says
+# otherwise), serve on PORT. make test: install and run the whole test suite.
+PYTHON ?= python3
+VENV ?= .venv
+PORT ?= 3000
+MODEL_VERSION ?= demo
+BIN := $(VENV)/bin
+export BENTOML_DO_NOT_TRACK ?= true
+
+.PHONY: install serve test import clean
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements.txt -r requirements-dev.txt
+	touch $@
+
+install: $(VENV)/.installed
+
+import: install
+	MODEL_VERSION=$(MODEL_VERSION) $(BIN)/python import_model.py --if-missing
+
+serve: import
+	MODEL_VERSION=$(MODEL_VERSION) BENTOML_CONFIG=bentoml_configuration.yaml \
+		$(BIN)/bentoml serve service:svc --port $(PORT)
+
+test: install
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,137 @@
+"""Loading SVD's parts and turning one image into video frames.
+
+The work is diffusers' `StableVideoDiffusionPipeline`, called with the parameters mapped
+exactly as Stability's reference scripts meant them; `VideoGenerator` adds what a server
+needs around it: loading from the model store's folders, one seeded generator per request,
+and frames handed back as uint8 straight from the device.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import diffusers
+import numpy as np
+import torch
+from diffusers import EulerDiscreteScheduler, StableVideoDiffusionPipeline, UNetSpatioTemporalConditionModel
+from PIL import Image
+from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+# Folders inside the variant's model directory; the image encoder has a model of its own.
+PIPELINE_PARTS = ("unet", "vae", "scheduler", "feature_extractor")
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        # CPUs have slow or missing half-precision kernels.
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+def save_parts(parts: dict, pipeline_dir: Path, image_encoder_dir: Path, *, fp16_files: bool) -> None:
+    """Write the pipeline's parts in the diffusers layout the hub repos use:
+    `pipeline_dir/{unet,vae,scheduler,feature_extractor}` and the encoder in `image_encoder_dir`."""
+    variant = "fp16" if fp16_files else None
+    for name in ("unet", "vae"):
+        parts[name].save_pretrained(pipeline_dir / name, variant=variant)
+    parts["scheduler"].save_pretrained(pipeline_dir / "scheduler")
+    parts["feature_extractor"].save_pretrained(pipeline_dir / "feature_extractor")
+    parts["image_encoder"].save_pretrained(image_encoder_dir, variant=variant)
+
+
+def _weights_variant(folder: Path) -> str | None:
+    """`fp16` when the folder holds diffusers' `*.fp16.safetensors` files, else None."""
+    return "fp16" if any(folder.glob("*.fp16.safetensors")) else None
+
+
+def load_parts(pipeline_dir: Path, image_encoder_dir: Path, device: torch.device,
+               dtype: torch.dtype) -> dict:
+    """Load the parts saved by `save_parts` (or placed by the hub download) onto `device`."""
+    pipeline_dir, image_encoder_dir = Path(pipeline_dir), Path(image_encoder_dir)
+    # The vae is either SVD's temporal decoder or, for *_image_decoder, a frame-wise
+    # AutoencoderKL: its config names the class.
+    vae_class = json.loads((pipeline_dir / "vae" / "config.json").read_text())["_class_name"]
+    models = {
+        "unet": (UNetSpatioTemporalConditionModel, pipeline_dir / "unet"),
+        "vae": (getattr(diffusers, vae_class), pipeline_dir / "vae"),
+        "image_encoder": (CLIPVisionModelWithProjection, image_encoder_dir),
+    }
+    parts = {}
+    for name, (cls, folder) in models.items():
+        model = cls.from_pretrained(folder, variant=_weights_variant(folder), torch_dtype=dtype)
+        parts[name] = model.to(device).eval().requires_grad_(False)
+    parts["scheduler"] = EulerDiscreteScheduler.from_pretrained(pipeline_dir / "scheduler")
+    parts["feature_extractor"] = CLIPImageProcessor.from_pretrained(pipeline_dir / "feature_extractor")
+    return parts
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Everything that decides a video besides the image. Field names are diffusers'."""
+
+    num_frames: int
+    num_inference_steps: int
+    min_guidance_scale: float
+    max_guidance_scale: float
+    fps: int  # the conditioning value diffusers takes: it subtracts 1 again internally
+    motion_bucket_id: int
+    noise_aug_strength: float
+    decode_chunk_size: int
+    seed: int
+
+
+class VideoGenerator:
+    """One loaded SVD pipeline; `generate` runs one request at a time."""
+
+    def __init__(self, parts: dict, device: torch.device):
+        self.device = device
+        self.pipe = StableVideoDiffusionPipeline(**parts)
+        self.pipe.set_progress_bar_config(disable=True)
+
+    @classmethod
+    def load(cls, pipeline_dir: Path, image_encoder_dir: Path, device: str = "auto",
+             dtype: str = "auto") -> VideoGenerator:
+        dev = resolve_device(device)
+        return cls(load_parts(pipeline_dir, image_encoder_dir, dev, resolve_dtype(dtype, dev)), dev)
+
+    def generate(self, image: np.ndarray, settings: GenerationSettings,
+                 on_step: Callable[[int, int], None] | None = None) -> np.ndarray:
+        """(H, W, 3) uint8 image at the model's size → (frames, H, W, 3) uint8 video.
+
+        `on_step(step, total)` runs after every denoising step; an exception raised there
+        stops the generation (that is how a cancelled request gives the GPU back).
+        """
+        height, width = image.shape[:2]
+        generator = torch.Generator(self.device).manual_seed(settings.seed)
+
+        def step_end(pipe, i, t, kwargs):
+            if on_step is not None:
+                on_step(i + 1, settings.num_inference_steps)
+            return kwargs
+
+        frames = self.pipe(
+            Image.fromarray(image), height=height, width=width,
+            num_frames=settings.num_frames, num_inference_steps=settings.num_inference_steps,
+            min_guidance_scale=settings.min_guidance_scale,
+            max_guidance_scale=settings.max_guidance_scale, fps=settings.fps,
+            motion_bucket_id=settings.motion_bucket_id,
+            noise_aug_strength=settings.noise_aug_strength,
+            decode_chunk_size=settings.decode_chunk_size, generator=generator,
+            output_type="pt", callback_on_step_end=step_end,
+        ).frames[0]
+        return to_uint8(frames)
+
+
+def to_uint8(frames: torch.Tensor) -> np.ndarray:
+    """(F, C, H, W) floats in [0, 1] → (F, H, W, C) uint8, rounded as diffusers rounds
+    (`numpy_to_pil`); done on the device so only the final bytes cross to the host."""
+    return (frames * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()

@@ -1,0 +1,137 @@
+"""Every setting, limit and default of BentoSVD, in one place.
+
+`Settings` is read from the environment (upper-case names, e.g. `MODEL_VERSION=svd_xt`);
+`VARIANTS` holds each model variant's reference defaults; `Params` is the request schema
+of `POST /generate`, whose bounds the service, the docs and the tests all read from here.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+VariantName = Literal["svd", "svd_xt", "svd_image_decoder", "svd_xt_image_decoder", "svd_xt_1_1", "demo"]
+
+# Seeds stay within JavaScript's safe integers so a seed shown in a browser or JSON
+# client round-trips exactly.
+MAX_SEED = 2**53 - 1
+
+
+class Variant(BaseModel):
+    """A model variant and the defaults of Stability's reference scripts for it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    store_name: str  # name of the variant's model in the BentoML model store
+    image_encoder_name: str  # name of the image encoder's model in the store
+    num_frames: int
+    num_inference_steps: int
+    min_guidance_scale: float
+    max_guidance_scale: float
+    width: int  # landscape size; portrait images get (height, width)
+    height: int
+    frame_decoder: Literal["temporal", "image"]
+    description: str
+
+
+_SVD = dict(num_frames=14, num_inference_steps=25, min_guidance_scale=1.0, max_guidance_scale=2.5)
+_SVD_XT = dict(num_frames=25, num_inference_steps=30, min_guidance_scale=1.5, max_guidance_scale=3.0)
+_REAL = dict(width=1024, height=576, image_encoder_name="clip-vit-h-14-laion")
+
+VARIANTS: dict[str, Variant] = {
+    v.name: v
+    for v in [
+        Variant(name="svd", store_name="svd", frame_decoder="temporal", **_SVD, **_REAL,
+                description="SVD, 14 frames, temporal VAE decoder"),
+        Variant(name="svd_image_decoder", store_name="svd_image_decoder", frame_decoder="image",
+                **_SVD, **_REAL, description="SVD, 14 frames, frame-wise VAE decoder"),
+        Variant(name="svd_xt", store_name="svd_xt", frame_decoder="temporal", **_SVD_XT, **_REAL,
+                description="SVD-XT, 25 frames, temporal VAE decoder"),
+        Variant(name="svd_xt_image_decoder", store_name="svd_xt_image_decoder",
+                frame_decoder="image", **_SVD_XT, **_REAL,
+                description="SVD-XT, 25 frames, frame-wise VAE decoder"),
+        Variant(name="svd_xt_1_1", store_name="svd_xt_1_1", frame_decoder="temporal", **_SVD_XT,
+                **_REAL, description="SVD-XT 1.1, 25 frames; fine-tuned at fps_id 6, motion 127"),
+        # Tiny random weights built in code: runs anywhere in seconds, makes noise.
+        Variant(name="demo", store_name="svd_demo", image_encoder_name="clip-demo",
+                frame_decoder="temporal", num_frames=8, num_inference_steps=8,
+                min_guidance_scale=1.0, max_guidance_scale=2.5, width=256, height=144,
+                description="demo: tiny random weights, output is noise"),
+    ]
+}
+
+SYNTHETIC_SUFFIX = "-synthetic"  # store names of full-size random-weight models (benchmarks)
+
+
+class Settings(BaseSettings):
+    """Server settings, overridable by environment variables of the same name in upper case."""
+
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+
+    model_version: VariantName = Field("svd", description="Which SVD variant to serve.")
+    model_tag: str | None = Field(
+        None,
+        description="Serve this model-store tag instead of `<variant>:latest` "
+        "(e.g. `svd_xt-synthetic:latest` for benchmarks).",
+    )
+    device: str = Field("auto", description="`auto` (CUDA if present, else CPU), `cuda`, `cpu`.")
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
+        "auto", description="`auto`: float16 on CUDA, float32 on CPU."
+    )
+    timeout: int = Field(300, ge=1, description="Seconds a request may take end to end.")
+    max_upload_bytes: int = Field(20 * 2**20, ge=1, description="Largest accepted upload.")
+    max_image_pixels: int = Field(
+        50_000_000, ge=1, description="Largest accepted image, in pixels (decompression bombs)."
+    )
+    max_aspect_ratio: float = Field(10.0, ge=1.0, description="Longest over shortest side.")
+    min_image_side: int = Field(16, ge=1, description="Smallest accepted image side, in pixels.")
+    video_crf: int = Field(17, ge=0, le=51, description="H.264 quality (0 best, 51 worst).")
+    gpu_workers: int = Field(1, ge=1, description="GPU worker processes (one per GPU).")
+
+    @property
+    def variant(self) -> Variant:
+        return VARIANTS[self.model_version]
+
+    @property
+    def variant_tag(self) -> str:
+        return self.model_tag or f"{self.variant.store_name}:latest"
+
+
+@cache
+def get_settings() -> Settings:
+    return Settings()
+
+
+class Params(BaseModel):
+    """The `params` JSON field of `POST /generate`. Every field is optional.
+
+    Unknown fields are refused (422) so a typo never silently falls back to a default.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    fps_id: int = Field(
+        6, ge=1, le=30,
+        description="Frame-rate conditioning; the video plays at fps_id + 1 frames per second.",
+    )
+    motion_bucket_id: int = Field(
+        127, ge=0, le=255, description="Amount of motion (trained range 0-255; higher moves more)."
+    )
+    cond_aug: float = Field(
+        0.02, ge=0.0, le=1.0, allow_inf_nan=False,
+        description="Noise added to the conditioning image; more noise, less like the input.",
+    )
+    decoding_t: int = Field(
+        1, ge=1, le=25,
+        description="Frames the VAE decodes at a time (1 to the variant's frame count): "
+        "more is faster and uses more GPU memory, and changes the output slightly.",
+    )
+    seed: int | None = Field(
+        None, ge=0, le=MAX_SEED,
+        description=f"Random seed, 0 to {MAX_SEED}; null picks one. The seed used is returned "
+        "in the X-Seed header.",
+    )

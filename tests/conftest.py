@@ -1,0 +1,115 @@
+"""Fixtures that run the real thing: a model store with the demo model, a real
+`bentoml serve` on a free port, and test images made with Pillow."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def bentoml_home(tmp_path_factory) -> Path:
+    """A model store of its own, with the demo model registered by import_model.py."""
+    home = tmp_path_factory.mktemp("bentoml_home")
+    env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true"}
+    subprocess.run([sys.executable, "import_model.py", "--variant", "demo"], cwd=ROOT, env=env,
+                   check=True, capture_output=True)
+    return home
+
+
+class Server:
+    """A `bentoml serve` process and its URL; its log is kept for failure messages."""
+
+    def __init__(self, args: list[str], env: dict[str, str], cwd: Path, log: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        self.proc = subprocess.Popen(
+            [str(BIN / "bentoml"), "serve", *args, "--host", "127.0.0.1", "--port", str(self.port)],
+            cwd=cwd, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited {self.proc.returncode}:\n{self.log_text()}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"server not ready in {timeout} s:\n{self.log_text()}")
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")[-5000:]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def start_server(bentoml_home, tmp_path_factory):
+    """Start servers with the demo model: `start_server(args, **env)`; all stop at the end."""
+    servers = []
+
+    def start(args=("service:svc",), cwd=ROOT, **env) -> Server:
+        full_env = {**os.environ, "BENTOML_HOME": str(bentoml_home), "MODEL_VERSION": "demo",
+                    "BENTOML_DO_NOT_TRACK": "true", "PYTHONPATH": str(ROOT), **env}
+        log = tmp_path_factory.mktemp("server") / "server.log"
+        server = Server(list(args), full_env, cwd, log)
+        servers.append(server)
+        server.wait_ready()
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def server(start_server) -> Server:
+    """The demo service as `make serve` runs it (BENTOML_CONFIG set)."""
+    return start_server(BENTOML_CONFIG=str(ROOT / "bentoml_configuration.yaml"))
+
+
+def make_image(path: Path, size=(800, 600), mode="RGB", fmt="PNG", seed=0) -> Path:
+    rng = np.random.default_rng(seed)
+    w, h = size
+    # A smooth gradient plus noise: compresses like a photo, differs per seed.
+    gradient = np.linspace(0, 255, w)[None, :, None] * np.ones((h, 1, 3))
+    pixels = np.clip(gradient + rng.normal(0, 30, (h, w, 3)), 0, 255).astype(np.uint8)
+    Image.fromarray(pixels).convert(mode).save(path, format=fmt)
+    return path
+
+
+@pytest.fixture(scope="session")
+def test_image(tmp_path_factory) -> Path:
+    return make_image(tmp_path_factory.mktemp("img") / "test_image.png")
