@@ -91,6 +91,18 @@ class Settings(BaseSettings):
     min_image_side: int = Field(16, ge=1, description="Smallest accepted image side, in pixels.")
     video_crf: int = Field(17, ge=0, le=51, description="H.264 quality (0 best, 51 worst).")
     gpu_workers: int = Field(1, ge=1, description="GPU worker processes (one per GPU).")
+    fast_path: bool | None = Field(
+        None, description="channels_last, cuDNN attention and a compiled UNet; "
+        "default: on with CUDA, off on the CPU.",
+    )
+    low_memory: bool = Field(
+        False, description="Model offload and chunked feed-forward: SVD-XT within 8 GiB, slower."
+    )
+    compile_cache_dir: str = Field(
+        "~/.cache/bentosvd/inductor",
+        description="torch.compile's cache (TORCHINDUCTOR_CACHE_DIR); keep it on a volume so a "
+        "restart does not compile again.",
+    )
 
     @property
     def variant(self) -> Variant:

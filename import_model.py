@@ -11,7 +11,6 @@ Re-running is safe: a model with the same files is not registered twice.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import sys
 import tempfile
@@ -24,14 +23,10 @@ DEMO_BUILD = "demo-v1"  # bump when bentosvd.components.build_demo changes
 
 def sha256_tree(root: Path) -> dict[str, str]:
     """sha256 of every file below `root`, keyed by its path relative to `root`."""
-    digests = {}
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        h = hashlib.sha256()
-        with path.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        digests[path.relative_to(root).as_posix()] = h.hexdigest()
-    return digests
+    from bentosvd.hub import sha256_file
+
+    return {p.relative_to(root).as_posix(): sha256_file(p)
+            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def stage_random(variant_name: str, dest: Path, synthetic: bool) -> dict:
@@ -62,7 +57,7 @@ def stage_real(variant_name: str, dest: Path, args: argparse.Namespace) -> dict:
     else:
         info = hub.download_variant(variant_name, dest, revision=args.revision, token=args.token)
         source = f"hf:{info['repo_id']}"
-    return {"source": source, "revision": info["revision"], "dtype": info.get("dtype", "float16")}
+    return {"source": source, "revision": info["revision"] or "unknown", "dtype": info["dtype"]}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import secrets
 from dataclasses import asdict
 from pathlib import Path
@@ -22,7 +23,7 @@ from starlette.responses import JSONResponse, Response
 
 from bentosvd.errors import InvalidParams, PayloadTooLarge, RequestError
 from bentosvd.images import decode_upload
-from bentosvd.pipeline import GenerationSettings, VideoGenerator
+from bentosvd.pipeline import GenerationSettings, Speedups, VideoGenerator
 from bentosvd.video import encode_mp4
 from config import MAX_SEED, Params, get_settings
 from model_store import find_models
@@ -32,6 +33,25 @@ settings = get_settings()
 variant = settings.variant
 variant_model, image_encoder_model = find_models(settings)
 NOISE_WARNING = "demo model: tiny random weights, the video is noise"
+
+
+def speedups_for(settings, device: str) -> Speedups:
+    on_gpu = device.startswith("cuda")
+    if settings.low_memory:
+        return Speedups(low_memory=True)
+    if settings.fast_path if settings.fast_path is not None else on_gpu:
+        # Set before torch.compile first reads it: a restart reuses the compiled kernels.
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.expanduser(settings.compile_cache_dir))
+        return Speedups.fast()
+    return Speedups()
+
+
+def warmup_job(variant) -> GenerationSettings:
+    return GenerationSettings(
+        num_frames=variant.num_frames, num_inference_steps=2, min_guidance_scale=1.0,
+        max_guidance_scale=2.0, fps=7, motion_bucket_id=127, noise_aug_strength=0.02,
+        decode_chunk_size=1, seed=0,
+    )
 
 
 @bentoml.service(
@@ -54,14 +74,22 @@ class GenerationWorker:
 
             # With workers=N every worker sees all N GPUs; each takes its own.
             device = f"cuda:{worker_index - 1}" if torch.cuda.is_available() else "cpu"
+        speedups = speedups_for(settings, device)
         self.generator = VideoGenerator.load(
             Path(self.variant_model.path) / "pipeline",
             Path(self.image_encoder_model.path) / "image_encoder",
-            device=device, dtype=settings.dtype,
+            device=device, dtype=settings.dtype, speedups=speedups,
         )
+        logger.info("loaded %s (%s) on %s with %s", self.variant_model.tag, variant.description,
+                    device, speedups)
+        if speedups.compile_unet:
+            # Compile now, for both orientations, so /readyz turns 200 only once the
+            # first real request will not stall for minutes.
+            for w, h in ((variant.width, variant.height), (variant.height, variant.width)):
+                self.generator.generate(np.zeros((h, w, 3), np.uint8), warmup_job(variant))
+            logger.info("warmed up")
         # The pipeline is not thread-safe and one GPU runs one generation well.
         self.lock = asyncio.Lock()
-        logger.info("loaded %s (%s) on %s", self.variant_model.tag, variant.description, device)
         if variant.name == "demo":
             logger.warning(NOISE_WARNING)
 

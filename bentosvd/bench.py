@@ -1,0 +1,428 @@
+"""Benchmark: vanilla diffusers vs. BentoSVD's pipeline vs. the real server, in one run.
+
+    python -m bentosvd.bench                       # GPU: full-size synthetic SVD-XT
+    python -m bentosvd.bench --model demo          # CPU: the demo model (what CI runs)
+
+(a) vanilla `StableVideoDiffusionPipeline` as the blog called it; (b) the project's
+pipeline in each speed/memory mode, per phase, with peak memory, achieved TFLOP/s and
+per-frame PSNR against eager; (c) `bentoml serve` end to end (POST /generate → MP4 bytes),
+with time to ready on a cold and a warm compile cache. Prints a table, writes JSON and,
+with --docs, a section of docs/BENCHMARKS.md. Phases are timed by synchronising the
+device around the pipeline's own methods, which the benchmark wraps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from contextlib import contextmanager
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from bentosvd.components import build_demo, build_synthetic
+from bentosvd.pipeline import GenerationSettings, Speedups, VideoGenerator, to_uint8
+from bentosvd.video import encode_mp4
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class PhaseTimer:
+    """Wraps the pipeline's image-encode and decode methods to time them (synchronised)."""
+
+    PHASES = {"_encode_image": "image_encode", "_encode_vae_image": "image_encode",
+              "decode_latents": "vae_decode"}
+
+    def __init__(self, pipe, device):
+        self.device, self.times = device, {}
+        for method, phase in self.PHASES.items():
+            setattr(pipe, method, self._timed(getattr(pipe, method), phase))
+
+    def _timed(self, fn, phase):
+        def wrapper(*args, **kwargs):
+            sync(self.device)
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            sync(self.device)
+            self.times[phase] = self.times.get(phase, 0.0) + time.perf_counter() - start
+            return out
+        return wrapper
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """Lowest per-frame PSNR (dB) between two uint8 videos; inf when identical."""
+    worst = math.inf
+    for fa, fb in zip(a.astype(np.float64), b.astype(np.float64)):
+        mse = np.mean((fa - fb) ** 2)
+        worst = min(worst, math.inf if mse == 0 else 10 * math.log10(255**2 / mse))
+    return worst
+
+
+def count_flops(pipe, settings: GenerationSettings, height: int, width: int) -> dict:
+    """FLOPs of one UNet forward (the guidance batch of 2) and of the whole VAE decode."""
+    unet, vae = pipe.unet, pipe.vae
+    dev, dtype = unet.device, unet.dtype
+    f, h, w = settings.num_frames, height // 8, width // 8
+    with torch.no_grad(), FlopCounterMode(display=False) as unet_count:
+        unet(torch.randn(2, f, unet.config.in_channels, h, w, device=dev, dtype=dtype),
+             torch.tensor(1.0, device=dev),
+             encoder_hidden_states=torch.randn(2, 1, unet.config.cross_attention_dim, device=dev, dtype=dtype),
+             added_time_ids=torch.randn(2, 3, device=dev, dtype=dtype))
+    chunk = settings.decode_chunk_size
+    kwargs = {"num_frames": chunk} if "num_frames" in vae.forward.__code__.co_varnames else {}
+    with torch.no_grad(), FlopCounterMode(display=False) as vae_count:
+        vae.decode(torch.randn(chunk, 4, h, w, device=dev, dtype=dtype), **kwargs)
+    return {"unet_forward": unet_count.get_total_flops(),
+            "vae_decode": vae_count.get_total_flops() * f / chunk}
+
+
+def run_once(gen: VideoGenerator, image: np.ndarray, settings: GenerationSettings) -> dict:
+    device = gen.device
+    timer = PhaseTimer(gen.pipe, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    sync(device)
+    start = time.perf_counter()
+    frames = gen.generate(image, settings)
+    sync(device)
+    total = time.perf_counter() - start
+    start = time.perf_counter()
+    mp4 = encode_mp4(frames, settings.fps)
+    encode = time.perf_counter() - start
+    phases = {"image_encode": timer.times.get("image_encode", 0.0),
+              "vae_decode": timer.times.get("vae_decode", 0.0), "video_encode": encode}
+    phases["unet_steps"] = total - phases["image_encode"] - phases["vae_decode"]
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return {"seconds": total + encode, "generate_s": total, "phases": phases,
+            "peak_gib": peak, "frames": frames, "mp4_bytes": len(mp4)}
+
+
+def measure(gen, image, settings, repeats: int) -> dict:
+    """Warm up once (compiles, allocator), then the median of `repeats` runs."""
+    start = time.perf_counter()
+    first = run_once(gen, image, settings)
+    first_s = time.perf_counter() - start
+    runs = [run_once(gen, image, settings) for _ in range(repeats)]
+    best = sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]
+    best["first_call_s"] = first_s
+    best["all_s"] = [r["seconds"] for r in runs]
+    best["peak_gib"] = max([r["peak_gib"] or 0 for r in runs + [first]]) or None
+    return best
+
+
+def vanilla(parts: dict, image: np.ndarray, settings: GenerationSettings, device, repeats: int) -> dict:
+    """Plain diffusers as the seeds call it: PIL in, PIL frames out, then exported."""
+    from diffusers import StableVideoDiffusionPipeline
+    from PIL import Image
+
+    pipe = StableVideoDiffusionPipeline(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    pil = Image.fromarray(image)
+    times, peak = [], 0.0
+    for _ in range(repeats + 1):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        sync(device)
+        start = time.perf_counter()
+        frames = pipe(pil, height=image.shape[0], width=image.shape[1],
+                      num_frames=settings.num_frames,
+                      num_inference_steps=settings.num_inference_steps,
+                      min_guidance_scale=settings.min_guidance_scale,
+                      max_guidance_scale=settings.max_guidance_scale, fps=settings.fps,
+                      motion_bucket_id=settings.motion_bucket_id,
+                      noise_aug_strength=settings.noise_aug_strength,
+                      decode_chunk_size=settings.decode_chunk_size,
+                      generator=torch.Generator(device).manual_seed(settings.seed)).frames[0]
+        encode_mp4(np.stack([np.asarray(f) for f in frames]), settings.fps)
+        sync(device)
+        times.append(time.perf_counter() - start)
+        if device.type == "cuda":
+            peak = max(peak, torch.cuda.max_memory_allocated(device) / 2**30)
+    runs = sorted(times[1:])
+    return {"seconds": runs[len(runs) // 2], "all_s": times[1:], "peak_gib": peak or None}
+
+
+def bench_pipeline(args, device, dtype) -> dict:
+    variant_frames = args.frames
+    if args.model == "demo":
+        parts = build_demo(variant_frames)
+    else:
+        parts = build_synthetic(variant_frames, device=device, dtype=dtype)
+    parts = {k: (v.to(device, dtype) if isinstance(v, torch.nn.Module) else v) for k, v in parts.items()}
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (args.height, args.width, 3), dtype=np.uint8)
+    settings = GenerationSettings(
+        num_frames=variant_frames, num_inference_steps=args.steps, min_guidance_scale=1.0,
+        max_guidance_scale=3.0, fps=7, motion_bucket_id=127, noise_aug_strength=0.02,
+        decode_chunk_size=args.decoding_t, seed=0)
+    result = {"settings": asdict(settings), "height": args.height, "width": args.width}
+
+    result["vanilla"] = vanilla(parts, image, settings, device, args.repeats)
+    print(f"vanilla: {result['vanilla']['seconds']:.2f} s", flush=True)
+
+    flops = count_flops(StableVideoDiffusionPipelineLike(parts), settings, args.height, args.width)
+    result["flops"] = flops
+    modes = {"eager": Speedups()}
+    if device.type == "cuda":
+        modes["eager+channels_last+cudnn_attention"] = Speedups(channels_last=True, cudnn_attention=True)
+        if not args.no_compile:
+            modes["fast (compiled)"] = Speedups.fast()
+        modes["low_memory"] = Speedups(low_memory=True)
+    reference = None
+    result["modes"] = {}
+    for name, speedups in modes.items():
+        gen = VideoGenerator(dict(parts), device, speedups)
+        r = measure(gen, image, settings, args.repeats)
+        frames = r.pop("frames")
+        if reference is None:
+            reference = frames
+        r["psnr_vs_eager_db"] = psnr(frames, reference)
+        r["unet_tflops"] = flops["unet_forward"] * settings.num_inference_steps / r["phases"]["unet_steps"] / 1e12
+        r["speedup_vs_vanilla"] = result["vanilla"]["seconds"] / r["seconds"]
+        result["modes"][name] = r
+        print(f"{name}: {r['seconds']:.2f} s ({r['speedup_vs_vanilla']:.2f}x), "
+              f"peak {r['peak_gib']} GiB, PSNR {r['psnr_vs_eager_db']:.1f} dB", flush=True)
+        undo(gen, parts, speedups, device)
+    if args.sweep:
+        result["sweep"] = sweep(parts, image, settings, device, args)
+    return result
+
+
+def StableVideoDiffusionPipelineLike(parts):  # noqa: N802 - reads like the class it stands for
+    class _P:
+        unet, vae = parts["unet"], parts["vae"]
+    return _P
+
+
+def undo(gen: VideoGenerator, parts: dict, speedups: Speedups, device) -> None:
+    """Give the next mode the plain parts back (compiled wrappers, offload hooks removed)."""
+    if speedups.low_memory:
+        gen.pipe.remove_all_hooks()
+    for name in ("unet", "vae"):
+        module = parts[name]
+        module._compiled_call_impl = None
+        module.to(device, memory_format=torch.contiguous_format)
+    for m in parts["vae"].modules():
+        m._compiled_call_impl = None
+    torch._dynamo.reset()
+
+
+def sweep(parts, image, settings, device, args) -> list[dict]:
+    """How time grows with frames, steps and resolution (eager + cheap speed-ups, 1 run each)."""
+    speedups = Speedups(channels_last=device.type == "cuda", cudnn_attention=device.type == "cuda")
+    rows = []
+    h, w = image.shape[:2]
+    cases = [("frames", {"num_frames": n}) for n in sorted({14, settings.num_frames})]
+    cases += [("steps", {"num_inference_steps": n}) for n in (max(2, settings.num_inference_steps // 2),)]
+    for name, change in cases:
+        gen = VideoGenerator(dict(parts), device, speedups)
+        s = replace(settings, **change, decode_chunk_size=min(settings.decode_chunk_size, change.get("num_frames", 99)))
+        r = run_once(gen, image, s)
+        rows.append({"vary": name, **change, "height": h, "width": w, "seconds": r["seconds"],
+                     "unet_steps_s": r["phases"]["unet_steps"]})
+        undo(gen, parts, speedups, device)
+    for scale in (0.5,):
+        small = image[: int(h * scale) // 64 * 64, : int(w * scale) // 64 * 64]
+        gen = VideoGenerator(dict(parts), device, speedups)
+        r = run_once(gen, np.ascontiguousarray(small), settings)
+        rows.append({"vary": "resolution", "height": small.shape[0], "width": small.shape[1],
+                     "seconds": r["seconds"], "unet_steps_s": r["phases"]["unet_steps"]})
+        undo(gen, parts, speedups, device)
+    for row in rows:
+        print("sweep", row, flush=True)
+    return rows
+
+
+# ---------------------------------------------------------------- the real server
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> float:
+    start = time.perf_counter()
+    while time.perf_counter() - start < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/readyz", timeout=2) as r:
+                if r.status == 200:
+                    return time.perf_counter() - start
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError("server not ready")
+
+
+def post_image(url: str, png: bytes, params: dict) -> tuple[float, bytes]:
+    boundary = "bentosvdbench"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"img\"; filename=\"i.png\"\r\n"
+            f"Content-Type: image/png\r\n\r\n").encode() + png + (
+            f"\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"params\"\r\n\r\n"
+            f"{json.dumps(params)}\r\n--{boundary}--\r\n").encode()
+    req = urllib.request.Request(f"{url}/generate", data=body, method="POST",
+                                 headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    start = time.perf_counter()
+    with urllib.request.urlopen(req, timeout=900) as r:
+        data = r.read()
+    return time.perf_counter() - start, data
+
+
+def bench_server(args) -> dict:
+    """Register the model, serve it, time requests; restart to time a warm compile cache."""
+    from PIL import Image
+
+    import io
+
+    work = Path(tempfile.mkdtemp(prefix="bentosvd-bench-"))
+    env = {**os.environ, "BENTOML_HOME": str(work / "home"), "BENTOML_DO_NOT_TRACK": "true",
+           "TORCHINDUCTOR_CACHE_DIR": str(work / "inductor"), "PYTHONPATH": str(ROOT)}
+    variant = "demo" if args.model == "demo" else args.variant
+    cmd = [sys.executable, "import_model.py", "--variant", variant]
+    if args.model == "synthetic":
+        cmd.append("--synthetic")
+    out = subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, text=True).stdout
+    env["MODEL_VERSION"] = variant
+    if args.model == "synthetic":
+        env["MODEL_TAG"] = out.split("MODEL_TAG=")[1].split()[0]
+    buf = io.BytesIO()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (args.height, args.width, 3), dtype=np.uint8)).save(buf, "PNG")
+    params = {"seed": 0, "decoding_t": args.decoding_t}
+    result = {}
+    for start_kind in ("cold_cache", "warm_cache"):
+        port = 3900 + (start_kind == "warm_cache")
+        url = f"http://127.0.0.1:{port}"
+        log = (work / f"{start_kind}.log").open("wb")
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "bentoml"), "serve", "service:svc",
+                                 "--host", "127.0.0.1", "--port", str(port)],
+                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            ready = wait_ready(url, proc, args.ready_timeout)
+            latencies = []
+            for _ in range(args.repeats + 1):
+                seconds, data = post_image(url, buf.getvalue(), params)
+                assert data[4:8] == b"ftyp", "not an MP4"
+                latencies.append(seconds)
+            result[start_kind] = {"ready_s": ready, "first_request_s": latencies[0],
+                                  "latency_s": statistics.median(latencies[1:]),
+                                  "all_s": latencies[1:]}
+            print(f"server ({start_kind}): ready in {ready:.1f} s, "
+                  f"latency {result[start_kind]['latency_s']:.2f} s", flush=True)
+        finally:
+            os.killpg(proc.pid, 15)
+            proc.wait(60)
+            log.close()
+            if proc.returncode not in (0, -15):
+                print((work / f"{start_kind}.log").read_text()[-3000:])
+    return result
+
+
+# ---------------------------------------------------------------- report
+
+
+def environment(device) -> dict:
+    import diffusers
+
+    env = {"python": platform.python_version(), "torch": torch.__version__,
+           "diffusers": diffusers.__version__, "device": str(device), "command": " ".join(sys.argv)}
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+    else:
+        env["cpu_threads"] = torch.get_num_threads()
+    return env
+
+
+def table(result: dict) -> str:
+    vanilla_s = result["pipeline"]["vanilla"]["seconds"]
+    lines = ["| run | seconds | vs vanilla | image encode | UNet steps | VAE decode | video encode | peak GiB | UNet TFLOP/s | min PSNR vs eager |",
+             "|---|---|---|---|---|---|---|---|---|---|",
+             f"| (a) vanilla diffusers | {vanilla_s:.2f} | 1.00× | | | | | "
+             f"{_num(result['pipeline']['vanilla']['peak_gib'])} | | |"]
+    for name, r in result["pipeline"]["modes"].items():
+        p = r["phases"]
+        lines.append(f"| (b) {name} | {r['seconds']:.2f} | {r['speedup_vs_vanilla']:.2f}× | "
+                     f"{p['image_encode']:.2f} | {p['unet_steps']:.2f} | {p['vae_decode']:.2f} | "
+                     f"{p['video_encode']:.2f} | {_num(r['peak_gib'])} | {r['unet_tflops']:.1f} | "
+                     f"{_num(r['psnr_vs_eager_db'])} |")
+    for kind, r in result.get("server", {}).items():
+        lines.append(f"| (c) server, {kind.replace('_', ' ')} | {r['latency_s']:.2f} | "
+                     f"{vanilla_s / r['latency_s']:.2f}× | | | | | | | |")
+    return "\n".join(lines)
+
+
+def _num(x) -> str:
+    if x is None:
+        return "–"
+    return "identical" if x == math.inf else f"{x:.1f}"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["synthetic", "demo"], default=None,
+                        help="default: synthetic on CUDA, demo on CPU")
+    parser.add_argument("--variant", default="svd_xt")
+    parser.add_argument("--frames", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--height", type=int, default=None)
+    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--decoding-t", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--sweep", action="store_true", help="also vary frames, steps, resolution")
+    parser.add_argument("--server", action="store_true", help="also benchmark bentoml serve end to end")
+    parser.add_argument("--ready-timeout", type=float, default=900)
+    parser.add_argument("--out", type=Path, default=Path("bench.json"))
+    parser.add_argument("--docs", type=Path, default=None, help="write the table into this markdown file")
+    args = parser.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    args.model = args.model or ("synthetic" if device.type == "cuda" else "demo")
+    demo = args.model == "demo"
+    args.frames = args.frames or (8 if demo else 25)
+    args.steps = args.steps or (8 if demo else 25)
+    args.height = args.height or (144 if demo else 576)
+    args.width = args.width or (256 if demo else 1024)
+    args.decoding_t = min(args.decoding_t, args.frames)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+
+    result = {"environment": environment(device), "model": args.model}
+    result["pipeline"] = bench_pipeline(args, device, dtype)
+    if args.server:
+        torch.cuda.empty_cache() if device.type == "cuda" else None
+        result["server"] = bench_server(args)
+    args.out.write_text(json.dumps(result, indent=2, default=str))
+    report = table(result)
+    print(report)
+    if args.docs:
+        write_docs(args.docs, result, report)
+    return 0
+
+
+def write_docs(path: Path, result: dict, report: str) -> None:
+    env = result["environment"]
+    section = (f"## {result['model']} model on {env.get('gpu', 'CPU')}\n\n"
+               f"`{env['command']}` — torch {env['torch']}, diffusers {env['diffusers']}, "
+               f"{json.dumps(result['pipeline']['settings'])}, {result['pipeline']['height']}×"
+               f"{result['pipeline']['width']}\n\n{report}\n")
+    path.write_text(section)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
