@@ -159,7 +159,7 @@ def vanilla(parts: dict, image: np.ndarray, settings: GenerationSettings, device
     return {"seconds": runs[len(runs) // 2], "all_s": times[1:], "peak_gib": peak or None}
 
 
-def bench_pipeline(args, device, dtype) -> dict:
+def bench_pipeline(args, device, dtype, save=lambda r: None) -> dict:
     variant_frames = args.frames
     if args.model == "demo":
         parts = build_demo(variant_frames)
@@ -173,9 +173,11 @@ def bench_pipeline(args, device, dtype) -> dict:
         max_guidance_scale=3.0, fps=7, motion_bucket_id=127, noise_aug_strength=0.02,
         decode_chunk_size=args.decoding_t, seed=0)
     result = {"settings": asdict(settings), "height": args.height, "width": args.width}
+    save(result)
 
     result["vanilla"] = vanilla(parts, image, settings, device, args.repeats)
     print(f"vanilla: {result['vanilla']['seconds']:.2f} s", flush=True)
+    save(result)
 
     flops = count_flops(StableVideoDiffusionPipelineLike(parts), settings, args.height, args.width)
     result["flops"] = flops
@@ -197,6 +199,7 @@ def bench_pipeline(args, device, dtype) -> dict:
         r["unet_tflops"] = flops["unet_forward"] * settings.num_inference_steps / r["phases"]["unet_steps"] / 1e12
         r["speedup_vs_vanilla"] = result["vanilla"]["seconds"] / r["seconds"]
         result["modes"][name] = r
+        save(result)
         print(f"{name}: {r['seconds']:.2f} s ({r['speedup_vs_vanilla']:.2f}x), "
               f"peak {r['peak_gib']} GiB, PSNR {r['psnr_vs_eager_db']:.1f} dB", flush=True)
         undo(gen, parts, speedups, device)
@@ -350,6 +353,9 @@ def environment(device) -> dict:
 
 
 def table(result: dict) -> str:
+    if "pipeline" not in result:
+        return "\n".join(f"server, {k}: ready {r['ready_s']:.1f} s, latency {r['latency_s']:.2f} s"
+                         for k, r in result.get("server", {}).items())
     vanilla_s = result["pipeline"]["vanilla"]["seconds"]
     lines = ["| run | seconds | vs vanilla | image encode | UNet steps | VAE decode | video encode | peak GiB | UNet TFLOP/s | min PSNR vs eager |",
              "|---|---|---|---|---|---|---|---|---|---|",
@@ -387,6 +393,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--sweep", action="store_true", help="also vary frames, steps, resolution")
     parser.add_argument("--server", action="store_true", help="also benchmark bentoml serve end to end")
+    parser.add_argument("--server-only", action="store_true", help="only the server benchmark")
     parser.add_argument("--ready-timeout", type=float, default=900)
     parser.add_argument("--out", type=Path, default=Path("bench.json"))
     parser.add_argument("--docs", type=Path, default=None, help="write the table into this markdown file")
@@ -403,16 +410,22 @@ def main(argv=None) -> int:
     dtype = torch.float16 if device.type == "cuda" else torch.float32
 
     result = {"environment": environment(device), "model": args.model}
-    result["pipeline"] = bench_pipeline(args, device, dtype)
-    if args.server:
-        torch.cuda.empty_cache() if device.type == "cuda" else None
+    if not args.server_only:
+        result["pipeline"] = bench_pipeline(args, device, dtype, save=lambda r: save(args.out, {**result, "pipeline": r}))
+        save(args.out, result)
+    if args.server or args.server_only:
         result["server"] = bench_server(args)
-    args.out.write_text(json.dumps(result, indent=2, default=str))
+        save(args.out, result)
     report = table(result)
     print(report)
     if args.docs:
         write_docs(args.docs, result, report)
     return 0
+
+
+def save(path: Path, result: dict) -> None:
+    """Written after every step, so a run cut short still leaves its numbers."""
+    path.write_text(json.dumps(result, indent=2, default=str))
 
 
 def write_docs(path: Path, result: dict, report: str) -> None:

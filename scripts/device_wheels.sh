@@ -8,23 +8,31 @@
 # interpreter, only what is missing there or must be newer, each version pinned:
 #
 #   bash scripts/device_wheels.sh          # download into .whl/ (replaces its *.whl), then check
+#   HUB2=1 bash scripts/device_wheels.sh   # also carry huggingface-hub 2.4.0 (see below)
 #   bash scripts/device_wheels.sh --check  # only re-run the check on what .whl/ holds
 #
 # On the device machine (carry: [".whl"]):
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
 #       --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 #
-# Why some machine packages are carried anyway (shadowed through PYTHONPATH):
-#  - huggingface-hub 2.4.0: the project's pin (bentosvd/hub.py and tests/fake_hub.py target 2.x);
-#    diffusers 0.42.1 itself would accept the machine's 1.33.0 (it asks >=1.32.0,<3.0).
-#  - transformers 5.23.0: forced by hub 2.4.0. transformers 5.17.0 asks huggingface-hub<2.0 and
-#    checks it when imported (dependency_versions_check), so 5.17 + hub 2.x fails on import.
-#    diffusers 0.42.1 itself does not require transformers.
-#  - tokenizers 0.23.3: the machine's 0.23.2 declares huggingface-hub<2.0; 0.23.3 allows <3.0
-#    (and is what the project's venv runs with transformers 5.23.0).
+# Size. av's wheel alone is 34 MiB (it bundles FFmpeg; every av release since 12 is 33-39 MiB),
+# so .whl/ would be ~46 MiB. To stay under 40 MiB the compiled wheels (REPACK) are re-zipped
+# with LZMA instead of deflate: same files, same RECORD (its hashes are of the uncompressed
+# files), and pip extracts them through Python's zipfile, which reads LZMA (av: 34.1 -> 25.5 MiB).
+# REPACK= (empty) keeps the wheels byte for byte as PyPI serves them.
+#
+# huggingface-hub / transformers. diffusers 0.42.1 asks huggingface-hub>=1.32.0,<3.0 and no
+# transformers at all, so the machine's hub 1.33.0 and transformers 5.17.0 serve it and are not
+# carried by default. requirements.txt pins hub 2.4.0 (bentosvd/hub.py, used only by
+# import_model.py downloads, and tests/fake_hub.py target 2.x), but carrying hub 2.x forces
+# transformers 5.23.0 too: transformers 5.17.0 asks huggingface-hub<2.0 and checks it when imported
+# (dependency_versions_check), so 5.17 + hub 2.x fails on `import transformers`; and tokenizers
+# 0.23.3 (the machine's 0.23.2 declares hub<2.0). HUB2=1 adds those: ~+17 MiB, over the 40 MiB
+# budget (~53 MiB repacked; ~64 MiB unrepacked, over the 64 MiB transfer limit).
+#
 # Never carried: torch, triton, nvidia-* (nvidia-ml-py, which bentoml needs, is on the machine).
 # Machine packages left as they are although requirements.txt pins others: numpy 2.5.2 (pin
-# 2.4.6), pillow 12.3.0 (pin 13.0.0), accelerate 1.15.0 (= pin), safetensors 0.8.0 (= pin).
+# 2.4.6), pillow 12.3.0 (pin 13.0.0); accelerate 1.15.0 and safetensors 0.8.0 equal the pins.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -40,18 +48,11 @@ WHEELS=(
   av==18.1.0                 # cp311-abi3 manylinux_2_28 wheel, bundles FFmpeg
   pydantic==2.14.3
   pydantic-settings==2.16.3
-  huggingface-hub==2.4.0
-  transformers==5.23.0
   # pydantic / pydantic-settings
   pydantic-core==2.50.4
   annotated-types==0.8.0
   typing-inspection==0.4.5
   python-dotenv==1.2.4
-  # huggingface-hub 2.x / transformers 5.23
-  httpx2==2.16.2
-  httpcore2==2.16.2
-  truststore==0.10.5
-  tokenizers==0.23.3
   # diffusers
   importlib-metadata==10.2.0
   lazy-importer==0.1.0
@@ -85,6 +86,20 @@ WHEELS=(
   uvicorn==0.54.0
   watchfiles==1.3.0
 )
+
+# HUB2=1: the project's huggingface-hub pin, and what it drags in.
+HUB2_WHEELS=(
+  huggingface-hub==2.4.0
+  httpx2==2.16.2
+  httpcore2==2.16.2
+  truststore==0.10.5
+  transformers==5.23.0
+  tokenizers==0.23.3
+)
+[[ "${HUB2:-0}" == 1 ]] && WHEELS+=("${HUB2_WHEELS[@]}")
+
+# Compiled wheels re-zipped with LZMA (see Size above); names as in WHEELS.
+REPACK=${REPACK-"av diffusers pydantic-core bentoml pyzmq tornado watchfiles transformers tokenizers"}
 
 # The device machine's `python3 -m pip list --format=freeze`, read there on 2026-11-23.
 MACHINE="
@@ -149,6 +164,23 @@ if [[ "${1:-}" != "--check" ]]; then
   fi
   mkdir -p "$WHL_DIR"
   rm -f "$WHL_DIR"/*.whl
+  REPACK="$REPACK" WHL_TMP="$tmp/w" python3 - <<'PY'
+import os, re, zipfile
+from pathlib import Path
+want = {re.sub(r"[-_.]+", "_", n).lower() for n in os.environ["REPACK"].split()}
+for f in sorted(Path(os.environ["WHL_TMP"]).glob("*.whl")):
+    if f.name.split("-")[0].lower() not in want:
+        continue
+    out = f.with_suffix(".lzma")
+    with zipfile.ZipFile(f) as zi, zipfile.ZipFile(out, "w", zipfile.ZIP_LZMA) as zo:
+        for info in zi.infolist():  # same names, order, dates and modes; only the compression differs
+            data = zi.read(info)
+            info.compress_type = zipfile.ZIP_LZMA
+            zo.writestr(info, data)
+    with zipfile.ZipFile(out) as z:  # read back: every member's CRC checks
+        assert z.testzip() is None, out
+    out.replace(f)
+PY
   mv "$tmp"/w/*.whl "$WHL_DIR"/
 fi
 

@@ -1,0 +1,117 @@
+"""import_model.py end to end: the real command, a real BentoML model store, the hub
+replaced by the local stand-in (tests/fake_hub.py) because no hub is reachable here."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import ROOT
+from tests.fake_hub import GOOD_TOKEN, FakeHub, make_tiny_repo
+
+SVD_XT = "stabilityai/stable-video-diffusion-img2vid-xt"
+
+
+@pytest.fixture(scope="module")
+def hub_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("hub")
+    make_tiny_repo(root, SVD_XT, image_decoder_file="svd_xt_image_decoder.safetensors", seed=3)
+    return root
+
+
+def run(home: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true",
+                "HF_HOME": str(home / "hf"), **env}
+    for var in ("HF_TOKEN", "MODEL_VERSION", "MODEL_TAG"):
+        if var not in env:
+            full_env.pop(var, None)
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=full_env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def models(home: Path) -> dict[str, dict]:
+    """`bentoml models list` as the user sees it, read back as JSON."""
+    out = run(home, "-m", "bentoml", "models", "list", "-o", "json")
+    assert out.returncode == 0, out.stderr
+    return {m["tag"]: m for m in json.loads(out.stdout)}
+
+
+def info(home: Path, tag: str) -> dict:
+    import yaml
+
+    out = run(home, "-m", "bentoml", "models", "get", tag, "-o", "yaml")
+    assert out.returncode == 0, out.stderr
+    return yaml.safe_load(out.stdout)
+
+
+def test_hub_import_registers_variant_and_encoder(tmp_path, hub_root):
+    with FakeHub(hub_root) as hub:
+        env = {"HF_ENDPOINT": hub.url, "HF_TOKEN": GOOD_TOKEN, "MODEL_VERSION": "svd_xt"}
+        first = run(tmp_path, "import_model.py", **env)
+        assert first.returncode == 0, first.stderr
+        tags = models(tmp_path)
+        assert {t.split(":")[0] for t in tags} == {"svd_xt", "clip-vit-h-14-laion"}
+        (variant_tag,) = [t for t in tags if t.startswith("svd_xt:")]
+        (encoder_tag,) = [t for t in tags if t.startswith("clip-vit-h-14-laion:")]
+        variant = info(tmp_path, variant_tag)
+        assert variant["labels"]["variant"] == "svd_xt"
+        assert variant["labels"]["source"] == f"hf:{SVD_XT}"
+        assert variant["labels"]["image_encoder"] == encoder_tag
+        assert variant["labels"]["dtype"] == "float16"
+        assert len(variant["labels"]["revision"]) == 40  # the resolved commit
+        assert "pipeline/unet/diffusion_pytorch_model.fp16.safetensors" in variant["metadata"]["files"]
+
+        again = run(tmp_path, "import_model.py", **env)
+        assert again.returncode == 0, again.stderr
+        assert "already registered" in again.stdout
+        assert models(tmp_path).keys() == tags.keys()  # re-running registers nothing new
+
+
+def test_hub_import_without_token_says_how_to_fix(tmp_path, hub_root):
+    with FakeHub(hub_root) as hub:
+        result = run(tmp_path, "import_model.py", "--variant", "svd_xt", HF_ENDPOINT=hub.url)
+    assert result.returncode != 0
+    assert "HF_TOKEN" in result.stderr and f"huggingface.co/{SVD_XT}" in result.stderr
+
+
+def test_image_decoder_variant_from_dir_serves_frame_wise_vae(tmp_path, hub_root):
+    result = run(tmp_path, "import_model.py", "--variant", "svd_xt_image_decoder",
+                 "--from-dir", str(hub_root / SVD_XT))
+    assert result.returncode == 0, result.stderr
+    (tag,) = [t for t in models(tmp_path) if t.startswith("svd_xt_image_decoder:")]
+    (vae_config,) = (tmp_path / "models" / "svd_xt_image_decoder").glob("*/pipeline/vae/config.json")
+    assert json.loads(vae_config.read_text())["_class_name"] == "AutoencoderKL"
+    assert info(tmp_path, tag)["labels"]["source"].startswith("dir:")
+
+
+def test_demo_import_is_idempotent_and_if_missing_skips(tmp_path):
+    assert run(tmp_path, "import_model.py", "--variant", "demo").returncode == 0
+    before = models(tmp_path)
+    skipped = run(tmp_path, "import_model.py", "--if-missing", MODEL_VERSION="demo")
+    assert skipped.returncode == 0 and "registered already" in skipped.stdout
+    assert models(tmp_path).keys() == before.keys()
+
+
+def test_missing_model_fails_startup_naming_tag_and_command(tmp_path):
+    result = run(tmp_path, "-c", "import service", MODEL_VERSION="svd_xt")
+    assert result.returncode != 0
+    assert "'svd_xt:latest'" in result.stderr
+    assert "MODEL_VERSION=svd_xt python import_model.py" in result.stderr
+
+
+def test_synthetic_model_has_the_full_size_architecture():
+    """Built on the meta device: the real shapes without allocating 2.2 B parameters."""
+    from bentosvd.components import build_synthetic
+
+    parts = build_synthetic(25, device="meta")
+    count = {k: sum(p.numel() for p in parts[k].parameters()) for k in ("unet", "vae", "image_encoder")}
+    assert round(count["unet"] / 1e9, 2) == 1.52
+    assert round(count["vae"] / 1e6) == 98
+    assert round(count["image_encoder"] / 1e6) == 632
+    assert parts["unet"].dtype == torch.float16
