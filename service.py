@@ -125,16 +125,19 @@ class SVD:
 
     @staticmethod
     def _read_image(img: Path) -> np.ndarray:
-        size = img.stat().st_size
-        if size > settings.max_upload_bytes:
-            raise PayloadTooLarge(
-                f"the image is {size} bytes; the limit is {settings.max_upload_bytes}",
-                field="img", fix="send a smaller image (it is resized to the model's size anyway)",
+        try:
+            size = img.stat().st_size
+            if size > settings.max_upload_bytes:
+                raise PayloadTooLarge(
+                    f"the image is {size} bytes; the limit is {settings.max_upload_bytes}",
+                    field="img", fix="send a smaller image (it is resized to the model's size anyway)",
+                )
+            return decode_upload(
+                img, (variant.width, variant.height), max_pixels=settings.max_image_pixels,
+                max_aspect=settings.max_aspect_ratio, min_side=settings.min_image_side,
             )
-        return decode_upload(
-            img, (variant.width, variant.height), max_pixels=settings.max_image_pixels,
-            max_aspect=settings.max_aspect_ratio, min_side=settings.min_image_side,
-        )
+        finally:
+            img.unlink(missing_ok=True)  # users' images do not stay on the server's disk
 
     @staticmethod
     def _job(params: Params) -> GenerationSettings:

@@ -95,9 +95,15 @@ def start_server(bentoml_home, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def server(start_server) -> Server:
+def server_tmp(tmp_path_factory) -> Path:
+    """The main server's TMPDIR, so tests can see whether requests leave files behind."""
+    return tmp_path_factory.mktemp("server_tmp")
+
+
+@pytest.fixture(scope="session")
+def server(start_server, server_tmp) -> Server:
     """The demo service as `make serve` runs it (BENTOML_CONFIG set)."""
-    return start_server(BENTOML_CONFIG=str(ROOT / "bentoml_configuration.yaml"))
+    return start_server(BENTOML_CONFIG=str(ROOT / "bentoml_configuration.yaml"), TMPDIR=str(server_tmp))
 
 
 def make_image(path: Path, size=(800, 600), mode="RGB", fmt="PNG", seed=0) -> Path:

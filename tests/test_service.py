@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shlex
 import subprocess
+import time
 from pathlib import Path
 
 import bentoml
@@ -113,6 +114,26 @@ def test_not_an_image_gets_json_error(server, tmp_path):
     assert response.status_code == 400
     body = response.json()
     assert body["field"] == "img" and "PNG" in body["fix"]
+
+
+def test_requests_leave_no_temporary_files(server, server_tmp, test_image):
+    post(server, test_image, {"seed": 0})  # whatever start-up leaves is there by now
+    before = sorted(p for p in server_tmp.rglob("*") if p.is_file())
+    for seed in range(3):
+        assert post(server, test_image, {"seed": seed}).status_code == 200
+    after = sorted(p for p in server_tmp.rglob("*") if p.is_file())
+    assert len(after) <= len(before)
+    assert not [p for p in after if p.name.endswith("test_image.png")], "uploads are deleted"
+
+
+@pytest.mark.parametrize("idle", [4.9, 5.0, 5.1])
+def test_request_after_idle_keep_alive_succeeds(server, test_image, idle):
+    """The worker closes idle connections after 5 s; a request arriving just then must not
+    fail with a broken pipe (BentoML issue #4971)."""
+    assert post(server, test_image, {"seed": 0}).status_code == 200
+    time.sleep(idle)
+    response = post(server, test_image, {"seed": 0})
+    assert response.status_code == 200, response.text
 
 
 def test_configuration_file_sets_timeouts(start_server, test_image, tmp_path):
