@@ -121,7 +121,7 @@ def get_settings() -> Settings:
 class Params(BaseModel):
     """The `params` JSON field of `POST /generate`. Every field is optional.
 
-    Unknown fields are refused (422) so a typo never silently falls back to a default.
+    Unknown fields are refused (400) so a typo never silently falls back to a default.
     """
 
     model_config = ConfigDict(extra="forbid")

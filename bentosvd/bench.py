@@ -218,12 +218,10 @@ def undo(gen: VideoGenerator, parts: dict, speedups: Speedups, device) -> None:
     """Give the next mode the plain parts back (compiled wrappers, offload hooks removed)."""
     if speedups.low_memory:
         gen.pipe.remove_all_hooks()
-    for name in ("unet", "vae"):
-        module = parts[name]
-        module._compiled_call_impl = None
-        module.to(device, memory_format=torch.contiguous_format)
-    for m in parts["vae"].modules():
+    for m in [*parts["unet"].modules(), *parts["vae"].modules()]:
         m._compiled_call_impl = None
+        if isinstance(m, torch.nn.Conv2d):
+            m.to(device, memory_format=torch.contiguous_format)
     torch._dynamo.reset()
 
 

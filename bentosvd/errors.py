@@ -39,9 +39,11 @@ class UnsupportedMediaType(RequestError):
 
 
 class InvalidParams(RequestError):
-    """`params` is not valid: wrong JSON, wrong types, out of range, unknown fields."""
+    """`params` is not valid for this model (e.g. decoding_t above its frame count).
 
-    status_code = 422
+    400, like BentoML's own answer to a `params` that fails the schema."""
+
+    status_code = 400
 
 
 class PayloadTooLarge(RequestError):

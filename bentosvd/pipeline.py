@@ -124,8 +124,10 @@ class VideoGenerator:
         self.pipe.set_progress_bar_config(disable=True)
         unet, vae = self.pipe.unet, self.pipe.vae
         if speedups.channels_last:
-            unet.to(memory_format=torch.channels_last)
-            vae.to(memory_format=torch.channels_last)
+            # Only the 2-D convolutions: the temporal layers hold rank-5 weights.
+            for module in [*unet.modules(), *vae.modules()]:
+                if isinstance(module, torch.nn.Conv2d):
+                    module.to(memory_format=torch.channels_last)
         if speedups.compile_unet:
             unet.compile(fullgraph=True)
         if speedups.compile_vae:

@@ -98,13 +98,22 @@ def test_any_image_mode_is_accepted(server, tmp_path, mode):
     assert response.status_code == 200, response.text
 
 
+def test_decoding_t_above_frame_count_gets_json_error(server, test_image):
+    response = post(server, test_image, {"decoding_t": DEMO.num_frames + 1})
+    assert response.status_code == 400
+    body = response.json()
+    assert body["field"] == "params.decoding_t" and f"1 to {DEMO.num_frames}" in body["fix"]
+
+
 @pytest.mark.parametrize("params, field", [
-    ({"decoding_t": DEMO.num_frames + 1}, "decoding_t"),
+    ('{"fps_id": 99}', "fps_id"), ('{"motion_bucket_id": 256}', "motion_bucket_id"),
+    ('{"cond_aug": NaN}', "cond_aug"), ('{"seed": -1}', "seed"), ('{"seed": 9007199254740992}', "seed"),
+    ('{"fps_id": 6, "fsp_id": 6}', "fsp_id"), ('{"seed": "abc"}', "seed"),
 ])
-def test_bad_params_get_json_error(server, test_image, params, field):
+def test_params_outside_schema_get_400_naming_the_field(server, test_image, params, field):
     response = post(server, test_image, params)
-    assert response.status_code == 422
-    assert field in response.json()["field"]
+    assert response.status_code == 400
+    assert field in response.json()["detail"][0]["loc"]
 
 
 def test_not_an_image_gets_json_error(server, tmp_path):
