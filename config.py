@@ -98,6 +98,11 @@ class Settings(BaseSettings):
     low_memory: bool = Field(
         False, description="Model offload and chunked feed-forward: SVD-XT within 8 GiB, slower."
     )
+    warmup: list[Literal["landscape", "portrait"]] = Field(
+        ["landscape", "portrait"],
+        description="Shapes compiled before /readyz turns 200 (with the fast path); a shape "
+        "left out compiles on its first request.",
+    )
     compile_cache_dir: str = Field(
         "~/.cache/bentosvd/inductor",
         description="torch.compile's cache (TORCHINDUCTOR_CACHE_DIR); keep it on a volume so a "

@@ -85,7 +85,8 @@ class GenerationWorker:
         if speedups.compile_unet:
             # Compile now, for both orientations, so /readyz turns 200 only once the
             # first real request will not stall for minutes.
-            for w, h in ((variant.width, variant.height), (variant.height, variant.width)):
+            for orientation in settings.warmup:
+                w, h = (variant.width, variant.height)[:: 1 if orientation == "landscape" else -1]
                 self.generator.generate(np.zeros((h, w, 3), np.uint8), warmup_job(variant))
             logger.info("warmed up")
         # The pipeline is not thread-safe and one GPU runs one generation well.

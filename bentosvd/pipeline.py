@@ -129,7 +129,7 @@ class VideoGenerator:
                 if isinstance(module, torch.nn.Conv2d):
                     module.to(memory_format=torch.channels_last)
         if speedups.compile_unet:
-            unet.compile(fullgraph=True)
+            unet.compile()
         if speedups.compile_vae:
             vae.decoder.compile()
         if speedups.low_memory and device.type == "cuda":
