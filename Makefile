@@ -7,7 +7,7 @@ MODEL_VERSION ?= demo
 BIN := $(VENV)/bin
 export BENTOML_DO_NOT_TRACK ?= true
 
-.PHONY: install serve test import clean
+.PHONY: install serve test import bench clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ serve: import
 
 test: install
 	$(BIN)/python -m pytest
+
+# GPU: full-size synthetic SVD-XT; CPU: the demo model. Writes bench.json.
+bench: install
+	$(BIN)/python -m bentosvd.bench --sweep --server $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

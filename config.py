@@ -92,7 +92,7 @@ class Settings(BaseSettings):
     video_crf: int = Field(17, ge=0, le=51, description="H.264 quality (0 best, 51 worst).")
     gpu_workers: int = Field(1, ge=1, description="GPU worker processes (one per GPU).")
     fast_path: bool | None = Field(
-        None, description="channels_last, cuDNN attention and a compiled UNet; "
+        None, description="torch.compile the UNet (compiled before /readyz turns 200); "
         "default: on with CUDA, off on the CPU.",
     )
     low_memory: bool = Field(

@@ -1,0 +1,28 @@
+"""The benchmark runs on the CPU with the demo model (so CI keeps it working); its numbers
+are not checked here, only that every part of the run produced them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+
+
+def test_bench_runs_on_cpu_with_demo_model(tmp_path):
+    out = tmp_path / "bench.json"
+    docs = tmp_path / "BENCHMARKS.md"
+    result = subprocess.run(
+        [sys.executable, "-m", "bentosvd.bench", "--model", "demo", "--repeats", "1",
+         "--server", "--server-starts", "cold_cache", "--out", str(out), "--docs", str(docs)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    eager = report["pipeline"]["modes"]["eager"]
+    assert set(eager["phases"]) == {"image_encode", "unet_steps", "vae_decode", "video_encode"}
+    assert eager["equivalent_to_eager"] and report["pipeline"]["flops"]["unet_forward"] > 0
+    assert report["pipeline"]["vanilla"]["seconds"] > 0
+    assert report["server"]["cold_cache"]["ready_s"] > 0
+    assert "| (a) vanilla diffusers |" in docs.read_text()
