@@ -91,6 +91,15 @@ class Settings(BaseSettings):
     min_image_side: int = Field(16, ge=1, description="Smallest accepted image side, in pixels.")
     video_crf: int = Field(17, ge=0, le=51, description="H.264 quality (0 best, 51 worst).")
     gpu_workers: int = Field(1, ge=1, description="GPU worker processes (one per GPU).")
+    max_queue: int = Field(
+        4, ge=0, description="Requests that may wait for a GPU beyond those running; past it, 429."
+    )
+    max_faults_in_a_row: int = Field(
+        3, ge=1, description="GPU faults (out of memory) in a row after which /livez fails."
+    )
+    inject_faults: int = Field(
+        0, ge=0, description="Tests only: the next N generations fail with a CUDA out-of-memory."
+    )
     fast_path: bool | None = Field(
         None, description="torch.compile the UNet (compiled before /readyz turns 200); "
         "default: on with CUDA, off on the CPU.",

@@ -80,13 +80,14 @@ def start_server(bentoml_home, tmp_path_factory):
     """Start servers with the demo model: `start_server(args, **env)`; all stop at the end."""
     servers = []
 
-    def start(args=("service:svc",), cwd=ROOT, **env) -> Server:
+    def start(args=("service:svc",), cwd=ROOT, wait=True, **env) -> Server:
         full_env = {**os.environ, "BENTOML_HOME": str(bentoml_home), "MODEL_VERSION": "demo",
                     "BENTOML_DO_NOT_TRACK": "true", "PYTHONPATH": str(ROOT), **env}
         log = tmp_path_factory.mktemp("server") / "server.log"
         server = Server(list(args), full_env, cwd, log)
         servers.append(server)
-        server.wait_ready()
+        if wait:
+            server.wait_ready()
         return server
 
     yield start

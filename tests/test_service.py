@@ -30,9 +30,10 @@ def post(server, image: Path, params: dict | str | None = None, **kwargs) -> htt
     data = {}
     if params is not None:
         data["params"] = params if isinstance(params, str) else json.dumps(params)
+    kwargs.setdefault("timeout", 120)
     with image.open("rb") as f:
         return httpx.post(f"{server.url}/generate", files={"img": (image.name, f, "image/png")},
-                          data=data, timeout=120, **kwargs)
+                          data=data, **kwargs)
 
 
 def assert_video(data: bytes, *, frames: int, fps: int, size: tuple[int, int]) -> dict:

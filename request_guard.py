@@ -1,0 +1,223 @@
+"""Checks `POST /generate` requests before BentoML parses them.
+
+BentoML downloads a URL sent where a file is expected (a string in the `img` part, or a
+JSON body `{"img": "http://..."}`), quietly keeps the first of two `img` parts, and reads a
+body of any size. This ASGI middleware refuses those requests with the same JSON errors
+as the service (`{"error", "message", "field", "fix"}`): it caps the body (413), accepts
+only multipart/form-data (415), and lets a request through only with exactly one `img`
+file part and at most one `params` part (400). The app then gets the original bytes.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from bentosvd.errors import PayloadTooLarge, RequestError, UnsupportedMediaType
+
+EXAMPLE = "curl -F 'img=@image.png' -F 'params={\"seed\": 42}' http://HOST/generate"
+
+
+class InvalidRequest(RequestError):
+    """The request's form is wrong: a field missing, repeated or unknown, or bad multipart."""
+
+    status_code = 400
+
+
+class ClientGone(Exception):
+    """The client disconnected while sending its body: nobody is left to answer."""
+
+
+class RequestGuard:
+    """ASGI middleware: `SVD.add_asgi_middleware(RequestGuard, max_body_bytes=...)`.
+
+    Only POSTs to `path` are checked; every other request passes through untouched.
+    """
+
+    def __init__(self, app, *, path: str = "/generate", max_body_bytes: int,
+                 file_fields=("img",), text_fields=("params",)) -> None:
+        self.app = app
+        self.path = path.rstrip("/")
+        self.max_body_bytes = max_body_bytes
+        self.file_fields = tuple(file_fields)
+        self.text_fields = tuple(text_fields)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if (scope["type"] != "http" or scope["method"] != "POST"
+                or scope["path"].rstrip("/") != self.path):
+            await self.app(scope, receive, send)
+            return
+        headers = _headers(scope)
+        try:
+            boundary, charset = self._multipart_boundary(headers.get(b"content-type", b""))
+            self._check_length(headers.get(b"content-length"))
+            body = await self._read_body(receive)
+            self._check_parts(list_parts(body, boundary, charset))
+        except ClientGone:
+            return
+        except RequestError as e:
+            await _answer(send, e)
+            return
+        await self.app(scope, _replay(body, receive), send)
+
+    def _multipart_boundary(self, content_type: bytes) -> tuple[bytes, str]:
+        media_type, options = parse_options_header(content_type)
+        if media_type != b"multipart/form-data" or not options.get(b"boundary"):
+            got = content_type.decode("latin-1") or "no Content-Type"
+            raise UnsupportedMediaType(
+                f"POST {self.path} takes multipart/form-data with the image as a file part "
+                f"(got {got}); URLs and JSON bodies are not accepted and nothing is downloaded",
+                fix=f"upload the image file: {EXAMPLE}")
+        # Names are decoded with the charset Starlette will use, so both see the same names.
+        charset = options.get(b"charset", b"utf-8").decode("latin-1")
+        try:
+            charset = codecs.lookup(charset).name
+        except LookupError:
+            charset = "latin-1"
+        return options[b"boundary"], charset
+
+    def _too_large(self, size: str) -> PayloadTooLarge:
+        return PayloadTooLarge(
+            f"the request body is {size} bytes; the limit is {self.max_body_bytes}",
+            field=self.file_fields[0],
+            fix="send a smaller image (it is resized to the model's size anyway)")
+
+    def _check_length(self, content_length: bytes | None) -> None:
+        # Refuse before reading a byte; the server drops the unread body on its own.
+        if content_length is not None and content_length.strip().isdigit():
+            if int(content_length) > self.max_body_bytes:
+                raise self._too_large(content_length.decode())
+
+    async def _read_body(self, receive) -> bytes:
+        # A chunked body has no length up front: stop as soon as it passes the cap.
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientGone()
+            body += message.get("body", b"")
+            if len(body) > self.max_body_bytes:
+                raise self._too_large(f"more than {self.max_body_bytes}")
+            if not message.get("more_body", False):
+                return bytes(body)
+
+    def _check_parts(self, parts: list[tuple[str, bool]]) -> None:
+        allowed = self.file_fields + self.text_fields
+        for name, _ in parts:
+            if name not in allowed:
+                raise InvalidRequest(
+                    f"unknown form field {name!r}; the fields are {', '.join(allowed)}",
+                    field=name, fix=f"send only {', '.join(allowed)}: {EXAMPLE}")
+        for field in allowed:
+            if sum(name == field for name, _ in parts) > 1:
+                raise InvalidRequest(f"form field {field!r} was sent more than once",
+                                     field=field, fix=f"send {field!r} once")
+        for field in self.file_fields:
+            found = [is_file for name, is_file in parts if name == field]
+            if not found:
+                raise InvalidRequest(f"the form field {field!r} (the image file) is missing",
+                                     field=field, fix=f"upload the image as a file: {EXAMPLE}")
+            if not found[0]:
+                # Without a filename Starlette hands BentoML a string, which it downloads.
+                raise InvalidRequest(
+                    f"{field!r} must be an uploaded file, not text; URLs and other strings "
+                    "are not fetched",
+                    field=field, fix=f"upload the file with -F '{field}=@file.png': {EXAMPLE}")
+
+
+class _PartLister:
+    """python-multipart callbacks that note each part's name and whether it is a file,
+    decided exactly as Starlette decides it (a `filename` in its Content-Disposition).
+    Part contents are skipped: they are checked by the service."""
+
+    def __init__(self, charset: str) -> None:
+        self.charset = charset
+        self.parts: list[tuple[str, bool]] = []
+        self.header_name = bytearray()
+        self.header_value = bytearray()
+        self.disposition = b""
+        self.ended = False
+
+    def callbacks(self) -> dict:
+        return {
+            "on_header_field": lambda data, start, end: self.header_name.extend(data[start:end]),
+            "on_header_value": lambda data, start, end: self.header_value.extend(data[start:end]),
+            "on_header_end": self.on_header_end,
+            "on_headers_finished": self.on_headers_finished,
+            "on_end": self.on_end,
+        }
+
+    def on_header_end(self) -> None:
+        if self.header_name.lower() == b"content-disposition":
+            self.disposition = bytes(self.header_value)
+        self.header_name.clear()
+        self.header_value.clear()
+
+    def on_headers_finished(self) -> None:
+        _, options = parse_options_header(self.disposition)
+        self.disposition = b""
+        if b"name" not in options:
+            raise InvalidRequest("a multipart part has no name in its Content-Disposition",
+                                 fix=f"send a well-formed multipart/form-data body: {EXAMPLE}")
+        self.parts.append((_decode(options[b"name"], self.charset), b"filename" in options))
+
+    def on_end(self) -> None:
+        self.ended = True
+
+
+def list_parts(body: bytes, boundary: bytes, charset: str = "utf-8") -> list[tuple[str, bool]]:
+    """(name, is a file) of each part of a multipart/form-data body; InvalidRequest if
+    the body is not well-formed multipart (including one cut off before its last boundary)."""
+    lister = _PartLister(charset)
+    try:
+        parser = MultipartParser(boundary, lister.callbacks())
+        parser.write(body)
+        parser.finalize()
+    except FormParserError as e:
+        raise InvalidRequest(f"malformed multipart/form-data body: {e}",
+                             fix=f"send a well-formed multipart/form-data body: {EXAMPLE}") from None
+    if not lister.ended:
+        raise InvalidRequest("malformed multipart/form-data body: it ends before its closing "
+                             "boundary", fix=f"send a well-formed multipart/form-data body: {EXAMPLE}")
+    return lister.parts
+
+
+def _decode(value: bytes, charset: str) -> str:
+    # Starlette's rule for names: the request's charset, else latin-1.
+    try:
+        return value.decode(charset)
+    except UnicodeDecodeError:
+        return value.decode("latin-1")
+
+
+def _headers(scope) -> dict[bytes, bytes]:
+    headers: dict[bytes, bytes] = {}
+    for name, value in scope["headers"]:
+        headers.setdefault(name.lower(), value)  # the first one, as Starlette reads it
+    return headers
+
+
+def _replay(body: bytes, receive):
+    """A `receive` that hands the app the buffered body, then the client's own messages
+    (so the app still sees a disconnect)."""
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+async def _answer(send, error: RequestError) -> None:
+    content = json.dumps(error.to_json()).encode()
+    await send({"type": "http.response.start", "status": error.status_code,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(content)).encode())]})
+    await send({"type": "http.response.body", "body": content})

@@ -1,0 +1,119 @@
+"""Overload, deadlines, disconnects, GPU faults, start-up and shutdown, against real servers.
+
+GPU faults are injected (INJECT_FAULTS=N: the next N generations raise torch's CUDA
+out-of-memory error between two denoising steps) because this machine has no GPU.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+
+from tests.test_service import DEMO, assert_video, post
+
+
+def wait_for_log(server, text: str, timeout: float = 30) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        log = server.log.read_text(errors="replace")
+        if text in log:
+            return log
+        time.sleep(0.2)
+    raise AssertionError(f"{text!r} not in the server log:\n{server.log_text()}")
+
+
+def test_gpu_faults_answer_503_then_livez_fails_and_recovers(start_server, test_image):
+    server = start_server(INJECT_FAULTS="3", MAX_FAULTS_IN_A_ROW="3")
+    for attempt in range(3):
+        response = post(server, test_image, {"seed": 0})
+        assert response.status_code == 503
+        assert int(response.headers["retry-after"]) >= 1
+        assert "out of memory" in response.json()["message"]
+        expected_live = 200 if attempt < 2 else 503  # three faults in a row: restart me
+        assert httpx.get(f"{server.url}/livez").status_code == expected_live
+    assert httpx.get(f"{server.url}/readyz").status_code == 200
+    response = post(server, test_image, {"seed": 0})  # memory was freed: the next one works
+    assert response.status_code == 200
+    assert_video(response.content, frames=DEMO.num_frames, fps=7, size=(DEMO.width, DEMO.height))
+    assert httpx.get(f"{server.url}/livez").status_code == 200
+
+
+def test_deadline_stops_the_generation_and_answers_504(start_server, test_image):
+    server = start_server(TIMEOUT="2")
+    response = post(server, test_image, {"seed": 0})
+    assert response.status_code == 504
+    wait_for_log(server, "generation stopped: the deadline passed")
+
+
+def test_client_disconnect_stops_the_generation(server, test_image):
+    with pytest.raises(httpx.ReadTimeout):
+        post(server, test_image, {"seed": 99}, timeout=0.8)
+    wait_for_log(server, "generation stopped: the caller disconnected")
+    assert post(server, test_image, {"seed": 0}).status_code == 200
+
+
+def test_overload_is_refused_with_429_and_health_keeps_answering(start_server, test_image):
+    server = start_server(MAX_QUEUE="1")  # capacity: one running + one waiting
+    requests = 8  # 4x the capacity, all at once
+    live = []
+    stop = threading.Event()
+
+    def probe():
+        while not stop.is_set():
+            live.append(httpx.get(f"{server.url}/livez", timeout=10).status_code)
+            time.sleep(0.2)
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    with concurrent.futures.ThreadPoolExecutor(requests) as pool:
+        responses = list(pool.map(lambda i: post(server, test_image, {"seed": i}), range(requests)))
+    stop.set()
+    prober.join()
+    statuses = sorted(r.status_code for r in responses)
+    assert set(statuses) <= {200, 429}, statuses
+    assert statuses.count(200) >= 2 and statuses.count(429) >= 1, statuses
+    for r in responses:
+        if r.status_code == 429:
+            assert int(r.headers["retry-after"]) >= 1 and "try again" in r.json()["message"]
+    assert live and set(live) == {200}
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert "svd_queue_depth" in metrics and "svd_in_flight" in metrics
+    rejected = [line for line in metrics.splitlines() if line.startswith("svd_rejected_total")]
+    assert rejected and float(rejected[0].split()[-1]) == statuses.count(429)
+
+
+def test_readyz_turns_200_only_once_the_model_is_loaded(start_server):
+    server = start_server(wait=False)
+    not_ready = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            status = httpx.get(f"{server.url}/readyz", timeout=2).status_code
+        except httpx.HTTPError as e:  # not listening yet
+            status = type(e).__name__
+        if status == 200:
+            break
+        not_ready.append(status)
+        time.sleep(0.1)
+    # Read at once: the worker had logged its model loaded before /readyz said 200.
+    assert "GenerationWorker initialized" in server.log.read_text()
+    assert set(not_ready) <= {503, "ConnectError", "ReadTimeout"}, not_ready
+
+
+def test_sigterm_lets_the_request_in_flight_finish(start_server, test_image):
+    server = start_server()
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(r=post(server, test_image, {"seed": 5})))
+    thread.start()
+    time.sleep(1.0)  # the generation (about 2-3 s) is under way
+    os.killpg(server.proc.pid, signal.SIGTERM)
+    thread.join(120)
+    assert result["r"].status_code == 200
+    assert_video(result["r"].content, frames=DEMO.num_frames, fps=7, size=(DEMO.width, DEMO.height))
+    server.proc.wait(60)
