@@ -69,7 +69,7 @@ class RequestGuard:
             got = content_type.decode("latin-1") or "no Content-Type"
             raise UnsupportedMediaType(
                 f"POST {self.path} takes multipart/form-data with the image as a file part "
-                f"(got {got}); URLs and JSON bodies are not accepted and nothing is downloaded",
+                f"(got {got}); JSON and urlencoded bodies are refused, and URLs are not fetched",
                 fix=f"upload the image file: {EXAMPLE}")
         # Names are decoded with the charset Starlette will use, so both see the same names.
         charset = options.get(b"charset", b"utf-8").decode("latin-1")

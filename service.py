@@ -34,6 +34,7 @@ from bentosvd.pipeline import GenerationSettings, Speedups, VideoGenerator
 from bentosvd.video import encode_mp4
 from config import MAX_SEED, Params, get_settings
 from model_store import find_models
+from request_guard import RequestGuard
 
 # Under "bentoml." so that BentoML's logging set-up shows its INFO lines with the rest.
 logger = logging.getLogger("bentoml.svd")
@@ -334,5 +335,11 @@ class SVD:
             logger.info("worker connection was stale; retrying once")
             return await self.worker.to_async.generate(**kwargs)
 
+
+# Checks the form before BentoML reads it: one uploaded `img` file (a URL string would make
+# BentoML download it), at most one `params`, nothing else, a bounded body. The extra 64 KiB
+# is the form around an image of exactly MAX_UPLOAD_BYTES.
+SVD.add_asgi_middleware(RequestGuard, path="/generate",
+                        max_body_bytes=settings.max_upload_bytes + 64 * 1024)
 
 svc = SVD
