@@ -128,6 +128,9 @@ class RequestGuard:
                     field=field, fix=f"upload the file with -F '{field}=@file.png': {EXAMPLE}")
 
 
+MAX_FILENAME_BYTES = 200
+
+
 class _PartLister:
     """python-multipart callbacks that note each part's name and whether it is a file,
     decided exactly as Starlette decides it (a `filename` in its Content-Disposition).
@@ -162,7 +165,16 @@ class _PartLister:
         if b"name" not in options:
             raise InvalidRequest("a multipart part has no name in its Content-Disposition",
                                  fix=f"send a well-formed multipart/form-data body: {EXAMPLE}")
-        self.parts.append((_decode(options[b"name"], self.charset), b"filename" in options))
+        name = _decode(options[b"name"], self.charset)
+        filename = options.get(b"filename", b"")
+        if len(filename) > MAX_FILENAME_BYTES:
+            # BentoML keeps the name in its temporary file's name: past the file system's
+            # 255 bytes that is an OSError, a 500.
+            raise InvalidRequest(
+                f"the uploaded file's name is {len(filename)} bytes; the limit is "
+                f"{MAX_FILENAME_BYTES}", field=name,
+                fix=f"rename the file, or send -F '{name}=@file.png;filename=image.png'")
+        self.parts.append((name, b"filename" in options))
 
     def on_end(self) -> None:
         self.ended = True

@@ -60,6 +60,7 @@ REFUSED = [
     pytest.param(MULTIPART, form(IMG, boundary="other"), 400, None, id="wrong boundary"),
     pytest.param(MULTIPART, f"--{B}\r\nContent-Disposition: form-data\r\n\r\nx\r\n--{B}--\r\n".encode(),
                  400, None, id="part without a name"),
+    pytest.param(MULTIPART, form(("img", "x" * 300 + ".png", b"x")), 400, "img", id="300-byte file name"),
     pytest.param("application/json", json.dumps({"img": URL}).encode(), 415, None, id="JSON img URL"),
     pytest.param("text/plain", URL.encode(), 415, None, id="text/plain"),
     pytest.param("application/octet-stream", b"\x89PNG", 415, None, id="octet-stream"),

@@ -117,6 +117,16 @@ def test_params_outside_schema_get_400_naming_the_field(server, test_image, para
     assert field in response.json()["detail"][0]["loc"]
 
 
+@pytest.mark.parametrize("filename", ["../../evil.png", "a/b.png", "a\\b.png", "évil ☃.png",
+                                      ".png", 'semi;colon".png', "con.png"])
+def test_hostile_file_names_are_harmless(server, test_image, filename, tmp_path):
+    with test_image.open("rb") as f:
+        response = httpx.post(f"{server.url}/generate", files={"img": (filename, f, "image/png")},
+                              data={"params": '{"seed": 0}'}, timeout=120)
+    assert response.status_code == 200, response.text
+    assert not (ROOT.parent / "evil.png").exists() and not (ROOT / "evil.png").exists()
+
+
 def test_not_an_image_gets_json_error(server, tmp_path):
     junk = tmp_path / "junk.png"
     junk.write_bytes(b"this is not a png")
