@@ -117,3 +117,16 @@ def test_sigterm_lets_the_request_in_flight_finish(start_server, test_image):
     assert result["r"].status_code == 200
     assert_video(result["r"].content, frames=DEMO.num_frames, fps=7, size=(DEMO.width, DEMO.height))
     server.proc.wait(60)
+
+
+def test_gpu_workers_setting_starts_one_worker_each(start_server, test_image):
+    """GPU_WORKERS=2 on the CPU: two worker processes each load the model (on a GPU host
+    worker i takes cuda:i-1) and concurrent requests all succeed. BentoML hands the
+    connections to whichever worker accepts first, so requests are not yet spread evenly."""
+    server = start_server(GPU_WORKERS="2")
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        responses = list(pool.map(lambda i: post(server, test_image, {"seed": i}), range(4)))
+    assert [r.status_code for r in responses] == [200] * 4
+    log = server.log.read_text()
+    for worker in (1, 2):
+        assert f"[service:GenerationWorker:{worker}] Service GenerationWorker initialized" in log
