@@ -88,7 +88,8 @@ def warmup_job(variant) -> GenerationSettings:
 
 @bentoml.service(
     name="GenerationWorker",
-    resources={"gpu": 1},
+    # BentoML shows every worker all the GPUs of the service; each worker takes its own.
+    resources={"gpu": settings.gpu_workers},
     workers=settings.gpu_workers,
     traffic={"timeout": settings.timeout},
 )
