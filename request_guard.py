@@ -28,7 +28,7 @@ class InvalidRequest(RequestError):
 
 
 class ClientGone(Exception):
-    """The client disconnected while sending its body: nobody is left to answer."""
+    """The client disconnected before its answer was ready: nobody is left to answer."""
 
 
 class RequestGuard:

@@ -34,7 +34,7 @@ from bentosvd.pipeline import GenerationSettings, Speedups, VideoGenerator
 from bentosvd.video import encode_mp4
 from config import MAX_SEED, Params, get_settings
 from model_store import find_models
-from request_guard import RequestGuard
+from request_guard import ClientGone, RequestGuard
 
 # Under "bentoml." so that BentoML's logging set-up shows its INFO lines with the rest.
 logger = logging.getLogger("bentoml.svd")
@@ -57,10 +57,6 @@ class GenerationTimeout(BentoMLException):
     """The request's deadline passed; its generation was stopped."""
 
     error_code = HTTPStatus.GATEWAY_TIMEOUT
-
-
-class ClientGone(Exception):
-    """The HTTP client closed the connection before its video was ready."""
 
 
 class Stopped(Exception):

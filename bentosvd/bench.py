@@ -24,7 +24,6 @@ import sys
 import tempfile
 import time
 import urllib.request
-from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -33,7 +32,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from bentosvd.components import build_demo, build_synthetic
-from bentosvd.pipeline import GenerationSettings, Speedups, VideoGenerator, to_uint8
+from bentosvd.pipeline import GenerationSettings, Speedups, VideoGenerator
 from bentosvd.video import encode_mp4
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,9 +77,8 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return worst
 
 
-def count_flops(pipe, settings: GenerationSettings, height: int, width: int) -> dict:
+def count_flops(unet, vae, settings: GenerationSettings, height: int, width: int) -> dict:
     """FLOPs of one UNet forward (the guidance batch of 2) and of the whole VAE decode."""
-    unet, vae = pipe.unet, pipe.vae
     dev, dtype = unet.device, unet.dtype
     f, h, w = settings.num_frames, height // 8, width // 8
     with torch.no_grad(), FlopCounterMode(display=False) as unet_count:
@@ -185,7 +183,7 @@ def bench_pipeline(args, device, dtype, save=lambda r: None) -> dict:
     print(f"vanilla: {result['vanilla']['seconds']:.2f} s", flush=True)
     save(result)
 
-    flops = count_flops(StableVideoDiffusionPipelineLike(parts), settings, args.height, args.width)
+    flops = count_flops(parts["unet"], parts["vae"], settings, args.height, args.width)
     result["flops"] = flops
     modes = {"eager": Speedups()}
     if device.type == "cuda":
@@ -221,12 +219,6 @@ def bench_pipeline(args, device, dtype, save=lambda r: None) -> dict:
                     module.to(device)
         result["sweep"] = sweep(parts, image, settings, device, args)
     return result
-
-
-def StableVideoDiffusionPipelineLike(parts):  # noqa: N802 - reads like the class it stands for
-    class _P:
-        unet, vae = parts["unet"], parts["vae"]
-    return _P
 
 
 def undo(gen: VideoGenerator, parts: dict, speedups: Speedups, device) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shlex
 import subprocess
 import typing
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing_extensions import is_typeddict
 
 from config import VARIANTS, Settings
 from tests.conftest import BIN, ROOT
-from tests.test_service import BLOG_CURL, DEMO, assert_video
+from tests.test_service import DEMO, assert_video, run_blog_curl
 
 DEPLOY = ROOT / "deploy"
 MANIFESTS = sorted((DEPLOY / "kubernetes").glob("*.yaml"))
@@ -151,16 +150,9 @@ def served(bento, start_server, tmp_path_factory):
 
 
 def test_built_bento_answers_the_blog_curl(served, test_image, tmp_path):
-    (tmp_path / "test_image.png").write_bytes(test_image.read_bytes())
-    command = BLOG_CURL.replace("localhost:3000", f"127.0.0.1:{served.port}")
-    result = subprocess.run(shlex.split(command.replace("\\\n", " ")) + ["-D", "headers.txt", "-sS"],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    headers = (tmp_path / "headers.txt").read_text().lower()
-    assert "200 ok" in headers and "content-type: video/mp4" in headers, headers
+    headers, video = run_blog_curl(served, test_image, tmp_path)
     assert "x-model: demo" in headers
-    assert_video((tmp_path / "generated_video.mp4").read_bytes(), frames=DEMO.num_frames, fps=7,
-                 size=(DEMO.width, DEMO.height))
+    assert_video(video, frames=DEMO.num_frames, fps=7, size=(DEMO.width, DEMO.height))
     assert 'from "svd-service:latest"' in served.log_text()
 
 

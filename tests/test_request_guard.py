@@ -9,7 +9,6 @@ that made BentoML download its `img` URL would show up there.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import http.server
 import importlib.util
 import json

@@ -47,19 +47,24 @@ def assert_video(data: bytes, *, frames: int, fps: int, size: tuple[int, int]) -
     return info
 
 
-def test_blog_curl_gives_playable_mp4(server, test_image, tmp_path):
-    (tmp_path / "test_image.png").write_bytes(test_image.read_bytes())
+def run_blog_curl(server, image: Path, workdir: Path) -> tuple[str, bytes]:
+    """The blog's curl command, run by the curl program: (lower-case headers, the MP4)."""
+    (workdir / "test_image.png").write_bytes(image.read_bytes())
     command = BLOG_CURL.replace("localhost:3000", f"127.0.0.1:{server.port}")
     result = subprocess.run(shlex.split(command.replace("\\\n", " ")) + ["-D", "headers.txt", "-sS"],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+                            cwd=workdir, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    headers = (tmp_path / "headers.txt").read_text().lower()
+    headers = (workdir / "headers.txt").read_text().lower()
     assert "200 ok" in headers and "content-type: video/mp4" in headers, headers
+    return headers, (workdir / "generated_video.mp4").read_bytes()
+
+
+def test_blog_curl_gives_playable_mp4(server, test_image, tmp_path):
+    headers, video = run_blog_curl(server, test_image, tmp_path)
     seed = int(headers.split("x-seed:")[1].split()[0])
     assert 0 <= seed <= MAX_SEED
     assert "x-model-warning: demo model" in headers  # the demo says it makes noise
-    assert_video((tmp_path / "generated_video.mp4").read_bytes(), frames=DEMO.num_frames, fps=7,
-                 size=(DEMO.width, DEMO.height))
+    assert_video(video, frames=DEMO.num_frames, fps=7, size=(DEMO.width, DEMO.height))
 
 
 def test_sync_http_client(server, test_image):
