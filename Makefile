@@ -24,7 +24,9 @@ serve: import
 	MODEL_VERSION=$(MODEL_VERSION) BENTOML_CONFIG=bentoml_configuration.yaml \
 		$(BIN)/bentoml serve service:svc --port $(PORT)
 
+# The web page's tests drive a headless Chromium: installed with apt-get when missing.
 test: install
+	bash scripts/install_browser.sh
 	$(BIN)/python -m pytest
 
 # GPU: full-size synthetic SVD-XT; CPU: the demo model. Writes bench.json.

@@ -18,6 +18,10 @@ VariantName = Literal["svd", "svd_xt", "svd_image_decoder", "svd_xt_image_decode
 # Seeds stay within JavaScript's safe integers so a seed shown in a browser or JSON
 # client round-trips exactly.
 MAX_SEED = 2**53 - 1
+MAX_FRAMES = 25  # the largest variant's (SVD-XT); each model allows up to its own count
+MAX_STEPS = 50
+MAX_GUIDANCE = 10.0
+MAX_INTERPOLATED_FPS = 60
 
 
 class Variant(BaseModel):
@@ -94,6 +98,13 @@ class Settings(BaseSettings):
     max_queue: int = Field(
         4, ge=0, description="Requests that may wait for a GPU beyond those running; past it, 429."
     )
+    job_ttl: int = Field(
+        3600, ge=1, description="Seconds a finished async job (and its video) is kept for "
+        "GET /jobs/<id>/result; kept in memory, lost on restart.",
+    )
+    max_finished_jobs: int = Field(
+        64, ge=1, description="Finished async jobs kept at most; the oldest are forgotten first.",
+    )
     max_faults_in_a_row: int = Field(
         3, ge=1, description="GPU faults (out of memory) in a row after which /livez fails."
     )
@@ -106,6 +117,11 @@ class Settings(BaseSettings):
     )
     low_memory: bool = Field(
         False, description="Model offload and chunked feed-forward: SVD-XT within 8 GiB, slower."
+    )
+    fp8: bool = Field(
+        False, description="FP8 matmuls in the UNet's transformer blocks (torchao; GPUs of "
+        "compute capability 8.9+, with the fast path): faster, output deviates more than fp16 "
+        "rounding (see docs/BENCHMARKS.md).",
     )
     warmup: list[Literal["landscape", "portrait"]] = Field(
         ["landscape", "portrait"],
@@ -160,4 +176,38 @@ class Params(BaseModel):
         None, ge=0, le=MAX_SEED,
         description=f"Random seed, 0 to {MAX_SEED}; null picks one. The seed used is returned "
         "in the X-Seed header.",
+    )
+    # More control; each omitted keeps the blog's behaviour (the variant's reference values).
+    format: Literal["mp4", "webm", "gif", "webp"] | None = Field(
+        None, description="Output: mp4 (H.264), webm (VP9), gif or webp (animated, looping). "
+        "null: from the Accept header, else mp4.",
+    )
+    boomerang: bool = Field(False, description="Play forward then backward (2F-2 frames).")
+    interpolate_fps: int | None = Field(
+        None, ge=2, le=MAX_INTERPOLATED_FPS,
+        description="Raise the frame rate to this many fps with motion-compensated "
+        "interpolation (must be above fps_id + 1); null: no interpolation.",
+    )
+    num_frames: int | None = Field(
+        None, ge=2, le=MAX_FRAMES,
+        description="Frames to generate (2 to the variant's frame count); null: the variant's.",
+    )
+    num_inference_steps: int | None = Field(
+        None, ge=1, le=MAX_STEPS, description="Denoising steps; null: the variant's (25)."
+    )
+    min_guidance_scale: float | None = Field(
+        None, ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False,
+        description="Guidance for the first frame; null: the variant's.",
+    )
+    max_guidance_scale: float | None = Field(
+        None, ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False,
+        description="Guidance for the last frame (at least min_guidance_scale); null: the variant's.",
+    )
+    sizing: Literal["crop", "pad", "fit"] = Field(
+        "crop", description="How the image meets the model's size: crop (cover, cut the "
+        "centre), pad (fit inside, black bars) or fit (stretch).",
+    )
+    orientation: Literal["auto", "landscape", "portrait"] = Field(
+        "auto", description="Video orientation: auto follows the image (portrait if taller "
+        "than wide), or force landscape (e.g. 1024x576) or portrait (576x1024).",
     )

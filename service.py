@@ -1,22 +1,25 @@
 """BentoSVD's HTTP edge: `POST /generate` turns one image into an MP4.
 
-Two BentoML services: `SVD` (the API: validates, decodes and sizes the upload, bounds the
-queue, answers errors) calls `GenerationWorker` (holds the model on the GPU, one generation
-at a time, stops a generation whose deadline passed or whose caller left, encodes the
-video). `bentoml serve service:svc` serves both.
+Two kinds of BentoML service: `SVD` (the API: validates, decodes and sizes the upload,
+queues requests first come first served and hands each to a free GPU worker, answers
+errors) calls `GenerationWorker` (one service per GPU: holds the model, runs one
+generation at a time, streams its progress, stops a generation whose deadline passed or
+whose caller left, encodes the video). `bentoml serve service:svc` serves them all.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import gc
+import json
 import logging
-import math
 import os
 import secrets
 import threading
 import time
-from dataclasses import asdict
+from collections.abc import AsyncGenerator
+from dataclasses import asdict, replace
 from http import HTTPStatus
 from pathlib import Path
 from typing import Annotated
@@ -24,15 +27,18 @@ from typing import Annotated
 import aiohttp
 import bentoml
 import numpy as np
-from bentoml.exceptions import BentoMLException, ServiceUnavailable
 from bentoml.validators import ContentType
 from starlette.responses import JSONResponse, Response
+from starlette.routing import Match, Route
+from starlette.staticfiles import StaticFiles
 
+from bentosvd.dispatch import Dispatcher, Full, RecentDuration
 from bentosvd.errors import InvalidParams, PayloadTooLarge, RequestError
 from bentosvd.images import decode_upload
+from bentosvd.jobs import Job, JobStore
 from bentosvd.pipeline import GenerationSettings, Speedups, VideoGenerator
-from bentosvd.video import encode_mp4
-from config import MAX_SEED, Params, get_settings
+from bentosvd.video import FORMATS, boomerang, encode_video, interpolate
+from config import MAX_INTERPOLATED_FPS, MAX_SEED, Params, get_settings
 from model_store import find_models
 from request_guard import ClientGone, RequestGuard
 
@@ -51,12 +57,15 @@ in_flight = bentoml.metrics.Gauge(
     multiprocess_mode="livesum")
 rejected = bentoml.metrics.Counter(
     name="svd_rejected", documentation="Requests refused with 429 because the queue was full")
-
-
-class GenerationTimeout(BentoMLException):
-    """The request's deadline passed; its generation was stopped."""
-
-    error_code = HTTPStatus.GATEWAY_TIMEOUT
+phase_seconds = bentoml.metrics.Histogram(
+    name="svd_phase_seconds", documentation="Seconds per phase of a generation",
+    labelnames=["phase"], buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300))
+queue_wait_seconds = bentoml.metrics.Histogram(
+    name="svd_queue_wait_seconds", documentation="Seconds a request waited for a GPU worker",
+    buckets=(0.01, 0.1, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300))
+gpu_peak_bytes = bentoml.metrics.Gauge(
+    name="svd_gpu_memory_peak_bytes", documentation="Peak GPU memory of the last generation",
+    labelnames=["worker"], multiprocess_mode="mostrecent")
 
 
 class Stopped(Exception):
@@ -70,8 +79,8 @@ def speedups_for(settings, device: str) -> Speedups:
     if settings.fast_path if settings.fast_path is not None else on_gpu:
         # Set before torch.compile first reads it: a restart reuses the compiled kernels.
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.expanduser(settings.compile_cache_dir))
-        return Speedups.fast()
-    return Speedups()
+        return replace(Speedups.fast(), fp8=settings.fp8)
+    return Speedups(fp8=settings.fp8)
 
 
 def warmup_job(variant) -> GenerationSettings:
@@ -82,27 +91,50 @@ def warmup_job(variant) -> GenerationSettings:
     )
 
 
-@bentoml.service(
-    name="GenerationWorker",
-    # BentoML shows every worker all the GPUs of the service; each worker takes its own.
-    resources={"gpu": settings.gpu_workers},
-    workers=settings.gpu_workers,
-    traffic={"timeout": settings.timeout},
-)
-class GenerationWorker:
-    """Holds the SVD pipeline on one device and runs one generation at a time."""
+def pick_device(index: int) -> str:
+    """Worker `index`'s device. BentoML gives each worker service a GPU of its own (it sets
+    CUDA_VISIBLE_DEVICES); with BENTOML_DISABLE_GPU_ALLOCATION each sees all and takes its own."""
+    import torch
 
+    if settings.device != "auto":
+        return settings.device
+    if not torch.cuda.is_available():
+        return "cpu"
+    return f"cuda:{index % torch.cuda.device_count()}"
+
+
+def encode_output(frames: np.ndarray, output: dict) -> bytes:
+    """Frames → the bytes of output["format"] at output["fps"], first interpolated to
+    output["interpolate_fps"] and played as a boomerang if asked."""
+    fps = output["fps"]
+    if output.get("interpolate_fps"):
+        frames, fps = interpolate(frames, fps, output["interpolate_fps"]), output["interpolate_fps"]
+    if output.get("boomerang"):
+        frames = boomerang(frames)
+    crf = settings.video_crf if FORMATS[output["format"]].max_crf is not None else 17
+    return encode_video(frames, fps, output["format"], crf=crf)
+
+
+def event_line(**event) -> str:
+    """One event of a worker's stream: a line of JSON (the stream may arrive in any chunks)."""
+    return json.dumps(event) + "\n"
+
+
+class GenerationWorker:
+    """Holds the SVD pipeline on one device and runs one generation at a time.
+
+    `generate` streams lines of JSON: {"event": "started"} once the GPU is its,
+    {"event": "step", "step": i, "total": n} after each denoising step, then either
+    {"event": "done", "video": <base64>, "timings": {...}} or {"event": "error",
+    "kind": "timeout" | "gpu_oom", "message": ...}.
+    """
+
+    index = 0  # which worker service this is (one per GPU); set by `worker_service`
     variant_model = bentoml.models.BentoModel(variant_model)
     image_encoder_model = bentoml.models.BentoModel(image_encoder_model)
 
     def __init__(self) -> None:
-        import torch
-
-        worker_index = bentoml.server_context.worker_index or 1
-        device = settings.device
-        if device == "auto":
-            # With workers=N every worker sees all N GPUs; each takes its own.
-            device = f"cuda:{worker_index - 1}" if torch.cuda.is_available() else "cpu"
+        device = pick_device(self.index)
         speedups = speedups_for(settings, device)
         self.generator = VideoGenerator.load(
             Path(self.variant_model.path) / "pipeline",
@@ -112,31 +144,68 @@ class GenerationWorker:
         logger.info("loaded %s (%s) on %s with %s", self.variant_model.tag, variant.description,
                     device, speedups)
         if speedups.compile_unet:
-            # Compile now so /readyz turns 200 only once a request will not stall for minutes.
+            # Compile now so /readyz turns 200 only once a request will not stall for minutes;
+            # other shapes (num_frames, orientation) then run eagerly instead of compiling.
+            shapes = set()
             for orientation in settings.warmup:
                 w, h = (variant.width, variant.height)[:: 1 if orientation == "landscape" else -1]
                 self.generator.generate(np.zeros((h, w, 3), np.uint8), warmup_job(variant))
-            logger.info("warmed up")
+                shapes.add((variant.num_frames, h, w))
+            self.generator.compiled_shapes = shapes
+            logger.info("warmed up: %s", ", ".join(settings.warmup))
         if variant.name == "demo":
             logger.warning(NOISE_WARNING)
-        # The pipeline is not thread-safe, and one GPU runs one generation well.
+        # The pipeline is not thread-safe, and one GPU runs one generation well. The API
+        # sends one request at a time; the lock holds even if something else calls.
         self.lock = threading.Lock()
         self.faults_in_a_row = 0
         self.injected_faults = settings.inject_faults
+        self.cancels: dict[str, threading.Event] = {}  # request id -> set it to stop
 
     @bentoml.api
-    async def generate(self, image: np.ndarray, job: dict, fps: int, deadline: float,
-                       ctx: bentoml.Context) -> bytes:
-        """Frames for `job`, encoded as MP4 at `fps`; stops once `deadline` (epoch seconds)
-        passes or the caller disconnects."""
-        caller_gone = threading.Event()
-        watcher = asyncio.create_task(self._watch_disconnect(ctx.request, caller_gone))
+    async def generate(self, request_id: str, image: np.ndarray, job: dict, output: dict,
+                       deadline: float) -> AsyncGenerator[str, None]:
+        """Frames for `job`, encoded as `output` says (see `encode_output`), with progress on
+        the way; stops once `deadline` (epoch seconds) passes, the caller goes away or
+        `cancel(request_id)` is called."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[str] = asyncio.Queue()
+        caller_gone = self.cancels[request_id] = threading.Event()
+
+        def report(**event) -> None:  # from the generation's thread
+            loop.call_soon_threadsafe(events.put_nowait, event_line(**event))
+
+        work = asyncio.ensure_future(asyncio.to_thread(
+            self._generate, image, GenerationSettings(**job), deadline, caller_gone, report))
         try:
-            frames = await asyncio.to_thread(
-                self._generate, image, GenerationSettings(**job), deadline, caller_gone)
+            while not (work.done() and events.empty()):
+                getter = asyncio.ensure_future(events.get())
+                await asyncio.wait({getter, work}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yield getter.result()
+                else:
+                    getter.cancel()
+            result = work.result()
+            if "frames" in result:
+                frames, timings = result.pop("frames"), result["timings"]
+                started = time.perf_counter()
+                # Outside the GPU lock: the next request's generation overlaps this encode.
+                video = await asyncio.to_thread(encode_output, frames, output)
+                timings["video_encode"] = time.perf_counter() - started
+                result["video"] = base64.b64encode(video).decode()
+            yield event_line(**result)
         finally:
-            watcher.cancel()
-        return await asyncio.to_thread(encode_mp4, frames, fps, crf=settings.video_crf)
+            # Reached early when the caller closes the stream: stop at the next step.
+            caller_gone.set()
+            self.cancels.pop(request_id, None)
+
+    @bentoml.api
+    async def cancel(self, request_id: str) -> bool:
+        """Stop `request_id`'s generation at its next denoising step (False: not here)."""
+        gone = self.cancels.get(request_id)
+        if gone is not None:
+            gone.set()
+        return gone is not None
 
     @bentoml.api
     async def health(self) -> dict:
@@ -144,14 +213,8 @@ class GenerationWorker:
         return {"faults_in_a_row": self.faults_in_a_row,
                 "alive": self.faults_in_a_row < settings.max_faults_in_a_row}
 
-    @staticmethod
-    async def _watch_disconnect(request, caller_gone: threading.Event) -> None:
-        while not await request.is_disconnected():
-            await asyncio.sleep(0.25)
-        caller_gone.set()
-
     def _generate(self, image, job: GenerationSettings, deadline: float,
-                  caller_gone: threading.Event) -> np.ndarray:
+                  caller_gone: threading.Event, report) -> dict:
         def check(step: int = 0, total: int = 0) -> None:
             if caller_gone.is_set():
                 raise Stopped(f"the caller disconnected (step {step}/{total})")
@@ -160,25 +223,32 @@ class GenerationWorker:
             if self.injected_faults > 0:  # tests: a GPU fault in the middle of a generation
                 self.injected_faults -= 1
                 raise _out_of_memory_error()("injected CUDA out of memory")
+            if step:
+                report(event="step", step=step, total=total)
 
+        arrived = time.perf_counter()
         with self.lock:
+            timings = {"gpu_wait": time.perf_counter() - arrived}
             try:
                 check()  # the caller may have left while this request waited for the GPU
+                report(event="started")
                 in_flight.inc()
+                _reset_peak_memory()
                 try:
-                    frames = self.generator.generate(image, job, on_step=check)
+                    frames = self.generator.generate(image, job, on_step=check, timings=timings)
                 finally:
                     in_flight.dec()
             except Stopped as e:
                 logger.info("generation stopped: %s", e)
-                raise GenerationTimeout(f"generation stopped: {e}") from None
+                return {"event": "error", "kind": "timeout", "message": f"generation stopped: {e}"}
             except _out_of_memory_error() as e:
                 self.faults_in_a_row += 1
                 self._free_gpu_memory()
                 logger.error("GPU out of memory (%d in a row): %s", self.faults_in_a_row, e)
-                raise ServiceUnavailable("the GPU ran out of memory; try again") from None
+                return {"event": "error", "kind": "gpu_oom", "message": str(e)[:500]}
         self.faults_in_a_row = 0
-        return frames
+        return {"event": "done", "frames": frames, "timings": timings,
+                "gpu_peak_bytes": _peak_memory()}
 
     def _free_gpu_memory(self) -> None:
         # The failed step's tensors are garbage once its frames are gone; hand their
@@ -196,81 +266,205 @@ def _out_of_memory_error() -> type[Exception]:
     return torch.cuda.OutOfMemoryError
 
 
+def _reset_peak_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_memory() -> int | None:
+    import torch
+
+    return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+
+
+def worker_service(index: int):
+    """The BentoML service of GPU worker `index`: one GPU each, so BentoML hands every
+    worker its own (and BentoCloud can place them apart)."""
+    name = "GenerationWorker" if index == 0 else f"GenerationWorker{index + 1}"
+    cls = type(name, (GenerationWorker,), {"index": index, "__doc__": GenerationWorker.__doc__})
+    return bentoml.service(name=name, resources={"gpu": 1},
+                           traffic={"timeout": settings.timeout})(cls)
+
+
+WORKERS = [worker_service(i) for i in range(settings.gpu_workers)]
+CURRENT: dict = {}  # "api": the SVD instance of this process, once created
+
+
 def error_response(status: int, message: str, *, retry_after: int | None = None) -> JSONResponse:
     headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
     phrase = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "Client Closed Request"
     return JSONResponse({"error": phrase, "message": message}, status_code=status, headers=headers)
 
 
+class WorkerError(Exception):
+    """A generation ended without a video: the HTTP status and JSON body for the client."""
+
+    def __init__(self, status: int, message: str, retry_after: int | None = None):
+        super().__init__(message)
+        self.status, self.retry_after = status, retry_after
+        self.body = {"error": _phrase(status), "message": message}
+
+
+class Refused(Exception):
+    """The request is not admitted; `response` says why."""
+
+    def __init__(self, response: JSONResponse):
+        super().__init__(response.status_code)
+        self.response = response
+
+
+def _phrase(status: int) -> str:
+    return HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "Client Closed Request"
+
+
+def error_response(status: int, body: dict | str, *, retry_after: int | None = None) -> JSONResponse:
+    if isinstance(body, str):
+        body = {"error": _phrase(status), "message": body}
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
 @bentoml.service(name="svd-service", traffic={"timeout": settings.timeout})
 class SVD:
-    """The API: checks the request, sizes the image, answers with the video or an error."""
+    """The API: checks the request, sizes the image, queues it for a GPU worker, answers
+    with the video (`POST /generate`) or a job to follow (`POST /jobs`)."""
 
-    worker = bentoml.depends(GenerationWorker)
+    # One dependency per GPU worker service: worker0, worker1, ...
+    for _i, _worker in enumerate(WORKERS):
+        locals()[f"worker{_i}"] = bentoml.depends(_worker)
+    del _i, _worker
 
     def __init__(self) -> None:
-        self.pending = 0  # requests admitted and not answered: running plus queued
-        self.capacity = settings.gpu_workers + settings.max_queue
-        self.recent_seconds = 0.0  # moving average of generation times, for Retry-After
+        self.dispatcher = Dispatcher(settings.gpu_workers, settings.max_queue)
+        self.recent = RecentDuration()
+        self.jobs = JobStore(ttl=settings.job_ttl, max_finished=settings.max_finished_jobs)
+        CURRENT["api"] = self  # for the plain Starlette routes below (GET /jobs/<id>, /info)
+
+    @property
+    def workers(self) -> list:
+        return [getattr(self, f"worker{i}") for i in range(settings.gpu_workers)]
 
     @bentoml.api(route="/generate")
     async def generate(
         self, ctx: bentoml.Context, img: Path, params: Params = Params()
     ) -> Annotated[Path, ContentType("video/mp4")]:
-        """Turn one image into an MP4 (H.264). The seed used comes back in `X-Seed`."""
+        """Turn one image into a video (MP4 unless `format` or the Accept header asks for
+        WebM, GIF or WebP). The seed used comes back in `X-Seed`."""
         response = await self._generate(ctx.request, img, params)
         # With a Context parameter BentoML sets the status from ctx.response, not ours.
         ctx.response.status_code = response.status_code
         return response
 
+    @bentoml.api(route="/jobs")
+    async def submit_job(self, ctx: bentoml.Context, img: Path, params: Params = Params()) -> dict:
+        """Queue a generation and answer at once (202) with its id: follow it at
+        `GET /jobs/<id>` (status, queue position, step i of N), fetch the video from
+        `GET /jobs/<id>/result`, stop it with `DELETE /jobs/<id>`."""
+        try:
+            job, work = await self._admit(ctx.request, img, params)
+        except Refused as e:
+            response = e.response
+        else:
+            self.jobs.add(job)
+            job.task = asyncio.create_task(self._run(job, *work))
+            response = JSONResponse(job.to_json(), status_code=202,
+                                    headers={"Location": f"/jobs/{job.id}"})
+        ctx.response.status_code = response.status_code
+        return response
+
     async def _generate(self, request, img: Path, params: Params) -> Response:
-        deadline = time.time() + settings.timeout - 1  # ours fires before BentoML's own
         try:
-            image = await asyncio.to_thread(self._read_image, img)
-            job = self._job(params)
-        except RequestError as e:
-            return JSONResponse(e.to_json(), status_code=e.status_code)
-        if self.pending >= self.capacity:
-            rejected.inc()
-            return error_response(
-                429, f"{self.pending} requests are running or queued (the limit is "
-                f"{self.capacity}); try again later", retry_after=self._retry_after())
-        self.pending += 1
-        queue_depth.set(max(0, self.pending - settings.gpu_workers))
-        started = time.monotonic()
+            job, work = await self._admit(request, img, params)
+        except Refused as e:
+            return e.response
         try:
-            video = await self._until_disconnect(request, self._call_worker(
-                image=image, job=asdict(job), fps=params.fps_id + 1, deadline=deadline))
+            await self._until_disconnect(request, self._run(job, *work))
         except ClientGone:
             logger.info("the client disconnected; its generation was cancelled")
-            return error_response(499, "client closed the request")
-        except GenerationTimeout:
-            return error_response(504, f"the video was not ready within {settings.timeout} s; "
-                                  "its generation was stopped")
-        except ServiceUnavailable:
-            return error_response(503, "the GPU ran out of memory on this request; its memory "
-                                  "was freed, try again", retry_after=self._retry_after())
-        finally:
-            self.pending -= 1
-            queue_depth.set(max(0, self.pending - settings.gpu_workers))
-        self._record(time.monotonic() - started)
-        headers = {"X-Seed": str(job.seed), "X-Model": variant.name,
-                   "Content-Disposition": 'inline; filename="generated_video.mp4"'}
+        return self._answer(job)
+
+    def _answer(self, job: Job) -> Response:
+        """The finished job as the HTTP answer: the video, or the error."""
+        if job.status != "succeeded":
+            return error_response(job.error_status, job.error, retry_after=job.retry_after)
+        fmt = FORMATS[job.format]
+        headers = {"X-Seed": str(job.seed), "X-Model": variant.name, "X-Request-Id": job.id,
+                   "Server-Timing": server_timing(job.timings),
+                   "Content-Disposition": f'inline; filename="generated_video{fmt.extension}"'}
         if variant.name == "demo":
             headers["X-Model-Warning"] = NOISE_WARNING
-        return Response(video, media_type="video/mp4", headers=headers)
+        return Response(job.video, media_type=fmt.media_type, headers=headers)
+
+    async def _admit(self, request, img: Path, params: Params) -> tuple[Job, tuple]:
+        """Check and size the upload and take a place in the queue: (job, its work), or
+        Refused with the 4xx answer."""
+        try:
+            image = await asyncio.to_thread(self._read_image, img, params)
+            fmt = self._format(params, request.headers.get("accept"))
+            settings_, output = self._job(params, fmt)
+        except RequestError as e:
+            raise Refused(JSONResponse(e.to_json(), status_code=e.status_code)) from None
+        try:
+            ticket = self.dispatcher.enter()
+        except Full as e:
+            rejected.inc()
+            raise Refused(error_response(429, f"{e}; try again later",
+                                         retry_after=self._retry_after())) from None
+        self._gauge_queue()
+        job = Job(seed=settings_.seed, format=fmt, total_steps=settings_.num_inference_steps,
+                  ticket=ticket)
+        deadline = time.time() + settings.timeout - 1  # ours fires before BentoML's own
+        return job, (image, settings_, output, params, deadline)
+
+    async def _run(self, job: Job, image, settings_: GenerationSettings, output: dict,
+                   params: Params, deadline: float) -> None:
+        """Wait for a worker, generate, and leave the outcome in `job`."""
+        ticket, started = job.ticket, time.monotonic()
+
+        def on_event(event: dict) -> None:
+            if event["event"] == "started":
+                job.status = "running"
+            elif event["event"] == "step":
+                job.step = event["step"]
+
+        try:
+            index = await ticket.wait()
+            self._gauge_queue()
+            job.timings["queue_wait"] = time.monotonic() - started
+            queue_wait_seconds.observe(job.timings["queue_wait"])
+            result = await self._call_worker(
+                index, on_event, request_id=job.id, image=image, job=asdict(settings_),
+                output=output, deadline=deadline)
+        except asyncio.CancelledError:
+            job.fail(499, {"error": _phrase(499), "message": "the generation was cancelled"})
+            raise
+        except WorkerError as e:
+            job.fail(e.status, e.body, e.retry_after)
+        else:
+            self.recent.record(time.monotonic() - started)
+            job.timings.update(result["timings"])
+            job.succeed(base64.b64decode(result["video"]), FORMATS[job.format].media_type)
+            self._observe(index, job, params, result.get("gpu_peak_bytes"))
+        finally:
+            ticket.leave()
+            self._gauge_queue()
 
     async def __is_alive__(self) -> bool:
-        try:
-            health = await self.worker.to_async.health()
-        except Exception:  # a worker being restarted is not a dead API service
-            return True
-        return health["alive"]
+        for worker in self.workers:
+            try:
+                health = await worker.to_async.health()
+            except Exception:  # a worker being restarted is not a dead API service
+                continue
+            if not health["alive"]:
+                return False
+        return True
 
     @staticmethod
     async def _until_disconnect(request, call):
-        """Await `call`, cancelling it if the client goes away: closing the connection to
-        the worker tells the worker to stop at its next step."""
+        """Await `call`, cancelling it if the client goes away (the worker is then told
+        to stop at its next step)."""
         task = asyncio.ensure_future(call)
         while True:
             done, _ = await asyncio.wait({task}, timeout=0.5)
@@ -278,19 +472,81 @@ class SVD:
                 return task.result()
             if await request.is_disconnected():
                 task.cancel()
+                await asyncio.wait({task})
                 raise ClientGone()
 
-    def _record(self, seconds: float) -> None:
-        self.recent_seconds = seconds if not self.recent_seconds else 0.8 * self.recent_seconds + 0.2 * seconds
+    async def _call_worker(self, index: int, on_event=None, **kwargs) -> dict:
+        """Run a generation on worker `index`; its "done" event, or WorkerError."""
+        for attempt in (1, 2):
+            received = False
+            stream = self.workers[index].to_async.generate(**kwargs)
+            try:
+                buffer = ""
+                async for chunk in stream:
+                    received = True
+                    buffer += chunk
+                    *lines, buffer = buffer.split("\n")
+                    for line in lines:
+                        event = json.loads(line)
+                        if event["event"] == "done":
+                            return event
+                        if event["event"] == "error":
+                            raise self._worker_error(event)
+                        if on_event is not None:
+                            on_event(event)
+            except asyncio.CancelledError:
+                # The client left (or its job was cancelled): tell the worker to stop.
+                asyncio.ensure_future(self._cancel(index, kwargs["request_id"]))
+                raise
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+                if received or attempt == 2:
+                    raise WorkerError(503, "the GPU worker went away during the generation; "
+                                      "try again", self._retry_after()) from None
+                # The worker closes idle connections after 5 s while the client pool keeps
+                # them for 15 s (BentoML issue #4971); the request never reached the worker,
+                # so sending it once more is safe.
+                logger.info("worker connection was stale; retrying once")
+                continue
+            finally:
+                await stream.aclose()
+            raise WorkerError(503, "the GPU worker ended the generation without a video; "
+                              "try again", self._retry_after())
+
+    async def _cancel(self, index: int, request_id: str) -> None:
+        try:
+            await self.workers[index].to_async.cancel(request_id=request_id)
+        except Exception as e:  # the worker still stops at the deadline
+            logger.warning("could not cancel %s on worker %d: %r", request_id, index, e)
+
+    def _worker_error(self, event: dict) -> WorkerError:
+        if event["kind"] == "timeout":
+            return WorkerError(504, f"the video was not ready within {settings.timeout} s; "
+                               "its generation was stopped")
+        return WorkerError(503, "the GPU ran out of memory on this request; its memory was "
+                           "freed, try again", self._retry_after())
 
     def _retry_after(self) -> int:
-        """Seconds until a place is likely free: one generation's time per queued request
-        ahead, shared by the workers (at least 1)."""
-        per_request = self.recent_seconds or 10.0
-        return max(1, math.ceil(per_request * max(1, self.pending) / settings.gpu_workers))
+        return self.recent.retry_after(self.dispatcher.running + self.dispatcher.waiting,
+                                       settings.gpu_workers)
+
+    def _gauge_queue(self) -> None:
+        queue_depth.set(self.dispatcher.waiting)
 
     @staticmethod
-    def _read_image(img: Path) -> np.ndarray:
+    def _observe(index: int, job: Job, params: Params, peak_bytes: int | None) -> None:
+        for phase, seconds in job.timings.items():
+            if phase != "queue_wait":
+                phase_seconds.labels(phase=phase).observe(seconds)
+        if peak_bytes is not None:
+            gpu_peak_bytes.labels(worker=str(index)).set(peak_bytes)
+        logger.info("generated %s", json.dumps({
+            "request_id": job.id, "worker": index, "params": params.model_dump(),
+            "seed": job.seed, "format": job.format,
+            "seconds": {k: round(v, 3) for k, v in job.timings.items()},
+            "gpu_peak_bytes": peak_bytes}))
+
+    @staticmethod
+    def _read_image(img: Path, params: Params) -> np.ndarray:
         try:
             size = img.stat().st_size
             if size > settings.max_upload_bytes:
@@ -299,44 +555,166 @@ class SVD:
                     field="img", fix="send a smaller image (it is resized to the model's size anyway)",
                 )
             return decode_upload(
-                img, (variant.width, variant.height), max_pixels=settings.max_image_pixels,
+                img, (variant.width, variant.height), sizing=params.sizing,
+                orientation=params.orientation, max_pixels=settings.max_image_pixels,
                 max_aspect=settings.max_aspect_ratio, min_side=settings.min_image_side,
             )
         finally:
             img.unlink(missing_ok=True)  # users' images do not stay on the server's disk
 
     @staticmethod
-    def _job(params: Params) -> GenerationSettings:
-        if params.decoding_t > variant.num_frames:
-            raise InvalidParams(
-                f"decoding_t is {params.decoding_t} but {variant.name} makes "
-                f"{variant.num_frames} frames", field="params.decoding_t",
-                fix=f"use 1 to {variant.num_frames}",
-            )
-        return GenerationSettings(
-            num_frames=variant.num_frames, num_inference_steps=variant.num_inference_steps,
-            min_guidance_scale=variant.min_guidance_scale,
-            max_guidance_scale=variant.max_guidance_scale,
-            fps=params.fps_id + 1, motion_bucket_id=params.motion_bucket_id,
+    def _format(params: Params, accept: str | None) -> str:
+        """params.format, else the first of our media types the Accept header names, else mp4."""
+        if params.format is not None:
+            return params.format
+        by_type = {f.media_type: name for name, f in FORMATS.items()}
+        for item in (accept or "").split(","):
+            media_type = item.split(";")[0].strip().lower()
+            if media_type in by_type:
+                return by_type[media_type]
+        return "mp4"
+
+    @staticmethod
+    def _job(params: Params, fmt: str) -> tuple[GenerationSettings, dict]:
+        """The generation and output settings; InvalidParams where params disagree with the
+        model or each other."""
+        frames = params.num_frames or variant.num_frames
+        low = variant.min_guidance_scale if params.min_guidance_scale is None else params.min_guidance_scale
+        high = variant.max_guidance_scale if params.max_guidance_scale is None else params.max_guidance_scale
+        fps = params.fps_id + 1
+        problems = [
+            (frames > variant.num_frames, "params.num_frames",
+             f"num_frames is {frames} but {variant.name} makes at most {variant.num_frames}",
+             f"use 2 to {variant.num_frames}"),
+            (params.decoding_t > frames, "params.decoding_t",
+             f"decoding_t is {params.decoding_t} but the video has {frames} frames",
+             f"use 1 to {frames}"),
+            (low > high, "params.max_guidance_scale",
+             f"max_guidance_scale ({high}) is below min_guidance_scale ({low})",
+             "make max_guidance_scale at least min_guidance_scale"),
+            (params.interpolate_fps is not None and params.interpolate_fps <= fps,
+             "params.interpolate_fps",
+             f"interpolate_fps ({params.interpolate_fps}) must be above the video's {fps} fps",
+             f"use {fps + 1} to {MAX_INTERPOLATED_FPS}, or null"),
+            ((FORMATS[fmt].max_fps or 10**6) < (params.interpolate_fps or fps), "params.format",
+             f"{fmt} plays at most {FORMATS[fmt].max_fps} fps",
+             "lower interpolate_fps or pick mp4/webm/webp"),
+        ]
+        for bad, field, message, fix in problems:
+            if bad:
+                raise InvalidParams(message, field=field, fix=fix)
+        job = GenerationSettings(
+            num_frames=frames,
+            num_inference_steps=params.num_inference_steps or variant.num_inference_steps,
+            min_guidance_scale=low, max_guidance_scale=high,
+            fps=fps, motion_bucket_id=params.motion_bucket_id,
             noise_aug_strength=params.cond_aug, decode_chunk_size=params.decoding_t,
             seed=secrets.randbelow(MAX_SEED + 1) if params.seed is None else params.seed,
         )
+        output = {"format": fmt, "fps": fps, "boomerang": params.boomerang,
+                  "interpolate_fps": params.interpolate_fps}
+        return job, output
 
-    async def _call_worker(self, **kwargs) -> bytes:
-        try:
-            return await self.worker.to_async.generate(**kwargs)
-        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
-            # The worker closes idle connections after 5 s while the client pool keeps
-            # them for 15 s (BentoML issue #4971); the request never reached the worker,
-            # so sending it once more is safe.
-            logger.info("worker connection was stale; retrying once")
-            return await self.worker.to_async.generate(**kwargs)
 
+def server_timing(timings: dict) -> str:
+    """The phases as an HTTP Server-Timing header (durations in milliseconds)."""
+    return ", ".join(f"{phase};dur={seconds * 1000:.1f}" for phase, seconds in timings.items())
+
+
+def info(request) -> JSONResponse:
+    """GET /info: the model, its sizes, and every param's schema with the model's bounds."""
+    schema = Params.model_json_schema()["properties"]
+    for name, prop in schema.items():  # pydantic writes optionals as anyOf [..., null]
+        for option in prop.pop("anyOf", []):
+            if option.get("type") != "null":
+                prop.update(option)
+    schema["num_frames"]["maximum"] = variant.num_frames
+    schema["decoding_t"]["maximum"] = variant.num_frames
+    schema["num_inference_steps"]["default"] = variant.num_inference_steps
+    schema["num_frames"]["default"] = variant.num_frames
+    schema["min_guidance_scale"]["default"] = variant.min_guidance_scale
+    schema["max_guidance_scale"]["default"] = variant.max_guidance_scale
+    schema["format"]["default"] = "mp4"
+    return JSONResponse({
+        "model": variant.name, "description": variant.description,
+        "warning": NOISE_WARNING if variant.name == "demo" else None,
+        "width": variant.width, "height": variant.height, "num_frames": variant.num_frames,
+        "num_inference_steps": variant.num_inference_steps, "formats": list(FORMATS),
+        "params": schema,
+    })
+
+
+def _job_or_404(request) -> Job | JSONResponse:
+    job = CURRENT["api"].jobs.get(request.path_params["job_id"])
+    if job is None:
+        return error_response(404, "no such job (finished jobs are kept for "
+                              f"{settings.job_ttl} s, at most {settings.max_finished_jobs})")
+    return job
+
+
+async def job_status(request) -> JSONResponse:
+    job = _job_or_404(request)
+    return job if isinstance(job, JSONResponse) else JSONResponse(job.to_json())
+
+
+async def job_result(request) -> Response:
+    job = _job_or_404(request)
+    if isinstance(job, JSONResponse):
+        return job
+    if job.status == "cancelled":
+        return error_response(410, "the job was cancelled; it has no video")
+    if not job.finished:
+        return error_response(409, f"the job is {job.status} (step {job.step} of "
+                              f"{job.total_steps}); poll /jobs/{job.id} until it has finished")
+    return CURRENT["api"]._answer(job)
+
+
+async def job_cancel(request) -> JSONResponse:
+    """Cancel a queued or running job (its GPU work stops at the next step); a finished
+    job is forgotten, with its video."""
+    job = _job_or_404(request)
+    if isinstance(job, JSONResponse):
+        return job
+    if job.task is not None and not job.finished:
+        job.task.cancel()
+        await asyncio.wait({job.task})
+    else:
+        CURRENT["api"].jobs.remove(job.id)
+    return JSONResponse(job.to_json())
+
+
+class PlainRoutes:
+    """ASGI middleware for the GET/DELETE routes beside BentoML's POST APIs: a request that
+    fully matches one of `routes` is answered here, anything else goes on to BentoML."""
+
+    def __init__(self, app, routes: list[Route]):
+        self.app, self.routes = app, routes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            for route in self.routes:
+                match, child_scope = route.matches(scope)
+                if match == Match.FULL:
+                    scope.update(child_scope)
+                    return await route.handle(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+SVD.add_asgi_middleware(PlainRoutes, routes=[
+    Route("/info", info, methods=["GET"]),
+    Route("/jobs/{job_id}", job_status, methods=["GET"]),
+    Route("/jobs/{job_id}", job_cancel, methods=["DELETE"]),
+    Route("/jobs/{job_id}/result", job_result, methods=["GET"]),
+])
+# The web page: static files, index.html at /ui/.
+SVD.mount_asgi_app(StaticFiles(directory=Path(__file__).parent / "bentosvd" / "ui", html=True),
+                   path="/ui")
 
 # Checks the form before BentoML reads it: one uploaded `img` file (a URL string would make
 # BentoML download it), at most one `params`, nothing else, a bounded body. The extra 64 KiB
 # is the form around an image of exactly MAX_UPLOAD_BYTES.
-SVD.add_asgi_middleware(RequestGuard, path="/generate",
-                        max_body_bytes=settings.max_upload_bytes + 64 * 1024)
+for _path in ("/generate", "/jobs"):
+    SVD.add_asgi_middleware(RequestGuard, path=_path,
+                            max_body_bytes=settings.max_upload_bytes + 64 * 1024)
 
 svc = SVD

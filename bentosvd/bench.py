@@ -14,6 +14,7 @@ device around the pipeline's own methods, which the benchmark wraps.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -36,6 +38,15 @@ from bentosvd.pipeline import GenerationSettings, Speedups, VideoGenerator
 from bentosvd.video import encode_mp4
 
 ROOT = Path(__file__).resolve().parent.parent
+# The pipeline modes the benchmark can time on a GPU (--modes), in the default order.
+MODES = {
+    "fast": Speedups.fast(),  # the default on CUDA: compiled UNet
+    "low_memory": Speedups(low_memory=True),
+    "fp8": replace(Speedups.fast(), fp8=True),
+    "fast_vae": replace(Speedups.fast(), compile_vae=True),
+    "eager": Speedups(),
+    "eager_cl_cudnn": Speedups(channels_last=True, cudnn_attention=True),
+}
 # Modes that claim the same output as eager fp16 must stay this close to it on every frame
 # (fp16 rounding differences land at 60+ dB; a real change of the output far below 40).
 PSNR_TOLERANCE_DB = 40.0
@@ -44,28 +55,6 @@ PSNR_TOLERANCE_DB = 40.0
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-class PhaseTimer:
-    """Wraps the pipeline's image-encode and decode methods to time them (synchronised)."""
-
-    PHASES = {"_encode_image": "image_encode", "_encode_vae_image": "image_encode",
-              "decode_latents": "vae_decode"}
-
-    def __init__(self, pipe, device):
-        self.device, self.times = device, {}
-        for method, phase in self.PHASES.items():
-            setattr(pipe, method, self._timed(getattr(pipe, method), phase))
-
-    def _timed(self, fn, phase):
-        def wrapper(*args, **kwargs):
-            sync(self.device)
-            start = time.perf_counter()
-            out = fn(*args, **kwargs)
-            sync(self.device)
-            self.times[phase] = self.times.get(phase, 0.0) + time.perf_counter() - start
-            return out
-        return wrapper
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -96,19 +85,19 @@ def count_flops(unet, vae, settings: GenerationSettings, height: int, width: int
 
 def run_once(gen: VideoGenerator, image: np.ndarray, settings: GenerationSettings) -> dict:
     device = gen.device
-    timer = PhaseTimer(gen.pipe, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     sync(device)
     start = time.perf_counter()
-    frames = gen.generate(image, settings)
+    timings = {}
+    frames = gen.generate(image, settings, timings=timings)
     sync(device)
     total = time.perf_counter() - start
     start = time.perf_counter()
     mp4 = encode_mp4(frames, settings.fps)
     encode = time.perf_counter() - start
-    phases = {"image_encode": timer.times.get("image_encode", 0.0),
-              "vae_decode": timer.times.get("vae_decode", 0.0), "video_encode": encode}
+    phases = {"image_encode": timings["image_encode"], "vae_decode": timings["vae_decode"],
+              "video_encode": encode}
     phases["unet_steps"] = total - phases["image_encode"] - phases["vae_decode"]
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return {"seconds": total + encode, "generate_s": total, "phases": phases,
@@ -185,16 +174,14 @@ def bench_pipeline(args, device, dtype, save=lambda r: None) -> dict:
 
     flops = count_flops(parts["unet"], parts["vae"], settings, args.height, args.width)
     result["flops"] = flops
-    modes = {"eager": Speedups()}
-    if device.type == "cuda":
-        modes = {"eager+channels_last+cudnn_attention": Speedups(channels_last=True, cudnn_attention=True)}
-        if not args.no_compile:
-            modes["fast (compiled UNet)"] = Speedups.fast()
-        modes["low_memory"] = Speedups(low_memory=True)  # last: it moves the parts to the CPU
+    modes = {name: MODES[name] for name in args.modes} if device.type == "cuda" else {"eager": Speedups()}
     result["modes"] = {}
     for name, speedups in modes.items():
         try:
-            gen = VideoGenerator(dict(parts), device, speedups)
+            mode_parts = dict(parts)
+            if speedups.fp8:  # quantizing is in place: keep the shared fp16 UNet intact
+                mode_parts["unet"] = copy.deepcopy(parts["unet"])
+            gen = VideoGenerator(mode_parts, device, speedups)
             r = measure(gen, image, settings, args.repeats)
         except Exception as e:  # one failing mode must not lose the others' numbers
             result["modes"][name] = {"error": repr(e)}
@@ -212,11 +199,10 @@ def bench_pipeline(args, device, dtype, save=lambda r: None) -> dict:
               + ("" if r["equivalent_to_eager"] else f" BELOW THE {PSNR_TOLERANCE_DB} dB TOLERANCE"),
               flush=True)
         undo(gen, parts, speedups, device)
-    if args.sweep:
+        del gen, mode_parts
         if device.type == "cuda":
-            for module in parts.values():
-                if isinstance(module, torch.nn.Module):
-                    module.to(device)
+            torch.cuda.empty_cache()
+    if args.sweep:
         result["sweep"] = sweep(parts, image, settings, device, args)
     return result
 
@@ -225,6 +211,12 @@ def undo(gen: VideoGenerator, parts: dict, speedups: Speedups, device) -> None:
     """Give the next mode the plain parts back (compiled wrappers, offload hooks removed)."""
     if speedups.low_memory:
         gen.pipe.remove_all_hooks()
+        for m in parts["unet"].modules():  # forward chunking off again
+            if hasattr(m, "set_chunk_feed_forward"):
+                m.set_chunk_feed_forward(None)
+        for module in parts.values():
+            if isinstance(module, torch.nn.Module):
+                module.to(device)
     for m in [*parts["unet"].modules(), *parts["vae"].modules()]:
         m._compiled_call_impl = None
         if isinstance(m, torch.nn.Conv2d):
@@ -233,8 +225,8 @@ def undo(gen: VideoGenerator, parts: dict, speedups: Speedups, device) -> None:
 
 
 def sweep(parts, image, settings, device, args) -> list[dict]:
-    """How time grows with frames, steps and resolution (eager + cheap speed-ups, 1 run each)."""
-    speedups = Speedups(channels_last=device.type == "cuda", cudnn_attention=device.type == "cuda")
+    """How time grows with frames, steps and resolution (eager, so no compiling; 1 run each)."""
+    speedups = Speedups()
     rows = []
     h, w = image.shape[:2]
     cases = [("frames", {"num_frames": n}) for n in sorted({14, settings.num_frames})]
@@ -276,7 +268,8 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> float:
     raise TimeoutError("server not ready")
 
 
-def post_image(url: str, png: bytes, params: dict) -> tuple[float, bytes]:
+def post_image(url: str, png: bytes, params: dict) -> tuple[float, int, object, bytes]:
+    """POST /generate; (seconds, status, headers (case-insensitive), body), whatever the status."""
     boundary = "bentosvdbench"
     body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"img\"; filename=\"i.png\"\r\n"
             f"Content-Type: image/png\r\n\r\n").encode() + png + (
@@ -285,9 +278,47 @@ def post_image(url: str, png: bytes, params: dict) -> tuple[float, bytes]:
     req = urllib.request.Request(f"{url}/generate", data=body, method="POST",
                                  headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
     start = time.perf_counter()
-    with urllib.request.urlopen(req, timeout=900) as r:
-        data = r.read()
-    return time.perf_counter() - start, data
+    try:
+        with urllib.request.urlopen(req, timeout=900) as r:
+            status, headers, data = r.status, r.headers, r.read()
+    except urllib.error.HTTPError as e:
+        status, headers, data = e.code, e.headers, e.read()
+    return time.perf_counter() - start, status, headers, data
+
+
+def parse_server_timing(header: str | None) -> dict:
+    """`a;dur=12.5, b;dur=3` → {"a": 0.0125, "b": 0.003} (seconds)."""
+    phases = {}
+    for item in (header or "").split(","):
+        name, _, dur = item.strip().partition(";dur=")
+        if name and dur:
+            phases[name] = float(dur) / 1000
+    return phases
+
+
+def oom_check(url: str, png: bytes) -> dict:
+    """A real CUDA out-of-memory in the server: take all but 1 GiB of the GPU's free memory
+    in this process, ask for a full-batch decode (decoding_t = all frames, ~20 GiB more),
+    expect 503 + Retry-After; give the memory back; the next request must succeed and
+    /livez stay 200."""
+    free, _ = torch.cuda.mem_get_info()
+    hog = torch.empty(max(0, free - 2**30), dtype=torch.uint8, device="cuda")
+    try:
+        _, status, headers, body = post_image(url, png, {"seed": 1, "decoding_t": 25})
+    finally:
+        del hog
+        torch.cuda.empty_cache()
+    live_after_fault = urllib.request.urlopen(f"{url}/livez", timeout=10).status
+    seconds, next_status, _, data = post_image(url, png, {"seed": 2, "decoding_t": 1})
+    live = urllib.request.urlopen(f"{url}/livez", timeout=10).status
+    result = {"oom_status": status, "retry_after": headers.get("Retry-After"),
+              "oom_message": body[:300].decode(errors="replace"),
+              "livez_after_fault": live_after_fault, "next_status": next_status,
+              "next_is_mp4": data[4:8] == b"ftyp", "next_seconds": seconds, "livez_after": live}
+    result["passed"] = (status == 503 and result["retry_after"] is not None and next_status == 200
+                        and result["next_is_mp4"] and live == 200)
+    print("oom check:", result, flush=True)
+    return result
 
 
 def bench_server(args, save=lambda r: None) -> dict:
@@ -300,7 +331,7 @@ def bench_server(args, save=lambda r: None) -> dict:
     env = {**os.environ, "BENTOML_HOME": str(work / "home"), "BENTOML_DO_NOT_TRACK": "true",
            "TORCHINDUCTOR_CACHE_DIR": os.environ.get("TORCHINDUCTOR_CACHE_DIR", str(work / "inductor")),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-           "WARMUP": '["landscape"]'}
+           "WARMUP": json.dumps(args.server_warmup)}
     variant = "demo" if args.model == "demo" else args.variant
     cmd = [sys.executable, "import_model.py", "--variant", variant]
     if args.model == "synthetic":
@@ -327,14 +358,18 @@ def bench_server(args, save=lambda r: None) -> dict:
                                 start_new_session=True)
         try:
             ready = wait_ready(url, proc, args.ready_timeout)
-            latencies = []
+            latencies, timings = [], []
             for _ in range(args.repeats + 1):
-                seconds, data = post_image(url, buf.getvalue(), params)
-                assert data[4:8] == b"ftyp", "not an MP4"
+                seconds, status, headers, data = post_image(url, buf.getvalue(), params)
+                assert status == 200 and data[4:8] == b"ftyp", f"{status}: {data[:300]!r}"
                 latencies.append(seconds)
+                timings.append(parse_server_timing(headers.get("Server-Timing")))
             result[start_kind] = {"ready_s": ready, "first_request_s": latencies[0],
                                   "latency_s": statistics.median(latencies[1:]),
-                                  "all_s": latencies[1:]}
+                                  "all_s": latencies[1:], "server_timing": timings[1:],
+                                  "warmup": args.server_warmup}
+            if args.oom_check and "oom_check" not in result:
+                result["oom_check"] = oom_check(url, buf.getvalue())
             save(result)
             print(f"server ({start_kind}): ready in {ready:.1f} s, "
                   f"latency {result[start_kind]['latency_s']:.2f} s", flush=True)
@@ -366,7 +401,7 @@ def environment(device) -> dict:
 def table(result: dict) -> str:
     if "pipeline" not in result:
         return "\n".join(f"server, {k}: ready {r['ready_s']:.1f} s, latency {r['latency_s']:.2f} s"
-                         for k, r in result.get("server", {}).items())
+                         for k, r in result.get("server", {}).items() if k != "oom_check")
     vanilla_s = result["pipeline"]["vanilla"]["seconds"]
     lines = ["| run | seconds | vs vanilla | image encode | UNet steps | VAE decode | video encode | peak GiB | UNet TFLOP/s | min PSNR vs eager |",
              "|---|---|---|---|---|---|---|---|---|---|",
@@ -382,6 +417,8 @@ def table(result: dict) -> str:
                      f"{p['video_encode']:.2f} | {_num(r['peak_gib'])} | {r['unet_tflops']:.1f} | "
                      f"{_num(r['psnr_vs_eager_db'])} |")
     for kind, r in result.get("server", {}).items():
+        if kind == "oom_check":
+            continue
         lines.append(f"| (c) server, {kind.replace('_', ' ')} | {r['latency_s']:.2f} | "
                      f"{vanilla_s / r['latency_s']:.2f}× | | | | | | | |")
     return "\n".join(lines)
@@ -404,7 +441,8 @@ def main(argv=None) -> int:
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--decoding-t", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--modes", nargs="*", default=["fast", "low_memory", "fp8", "fast_vae"],
+                        choices=list(MODES), help="pipeline modes to time on a GPU, in this order")
     parser.add_argument("--sweep", action="store_true", help="also vary frames, steps, resolution")
     parser.add_argument("--server", action="store_true", help="also benchmark bentoml serve end to end")
     parser.add_argument("--server-only", action="store_true", help="only the server benchmark")
@@ -412,6 +450,10 @@ def main(argv=None) -> int:
                         choices=["cold_cache", "warm_cache"],
                         help="server starts to time; with TORCHINDUCTOR_CACHE_DIR set to the cache "
                         "the pipeline benchmark filled, the first start already finds it warm")
+    parser.add_argument("--server-warmup", nargs="+", default=["landscape", "portrait"],
+                        choices=["landscape", "portrait"], help="the server's WARMUP shapes")
+    parser.add_argument("--oom-check", action="store_true",
+                        help="GPU: force a real CUDA out-of-memory in the server and check it recovers")
     parser.add_argument("--ready-timeout", type=float, default=900)
     parser.add_argument("--out", type=Path, default=Path("bench.json"))
     parser.add_argument("--docs", type=Path, default=None, help="write the table into this markdown file")

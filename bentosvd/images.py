@@ -33,6 +33,7 @@ def decode_upload(
     landscape: tuple[int, int],
     *,
     sizing: str = "crop",
+    orientation: str = "auto",
     max_pixels: int = 50_000_000,
     max_aspect: float = 10.0,
     min_side: int = 16,
@@ -40,7 +41,7 @@ def decode_upload(
     """Open an uploaded image, return an (H, W, 3) uint8 RGB array at the model's size.
 
     `source` is a file path or the file's bytes. The size is `target_size(w, h, landscape)`
-    after EXIF orientation; `sizing` says how to get there: "crop" scales to cover it and
+    after EXIF orientation, or `landscape` / its swap when `orientation` forces one; `sizing` says how to get there: "crop" scales to cover it and
     cuts the centre out, "pad" scales to fit inside it on black bars, "fit" stretches.
     Transparent pixels are shown over white; animated PNG/WebP give their first frame.
 
@@ -76,6 +77,8 @@ def decode_upload(
         raise InvalidImage(f"The image is corrupt or truncated: {e}", field="img", fix=_FIX) from e
 
     size = target_size(*rgb.size, landscape)
+    if orientation != "auto":
+        size = landscape if orientation == "landscape" else landscape[::-1]
     if sizing == "crop":
         rgb = ImageOps.fit(rgb, size, Image.Resampling.LANCZOS)
     elif sizing == "pad":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,8 +86,11 @@ class Speedups:
     cudnn_attention: prefer cuDNN's fused attention (fastest on Hopper), then FlashAttention.
     compile_unet / compile_vae: torch.compile; the first call per shape compiles (minutes
         cold, much less with a warm TORCHINDUCTOR_CACHE_DIR).
-    low_memory: keep each model on the GPU only while it runs and chunk the UNet's
-        feed-forward layers: slower, for GPUs with 8 GiB.
+    low_memory: keep each model on the GPU only while it runs and run the UNet's
+        feed-forward layers one frame at a time: slower, for GPUs with 8 GiB.
+    fp8: the UNet's attention and feed-forward matmuls in FP8 (torchao, dynamic scales;
+        NVIDIA compute capability 8.9+). Changes the output more than rounding
+        does: opt-in, its deviation is measured by the benchmark.
     """
 
     channels_last: bool = False
@@ -94,6 +98,7 @@ class Speedups:
     compile_unet: bool = False
     compile_vae: bool = False
     low_memory: bool = False
+    fp8: bool = False
 
     @classmethod
     def fast(cls) -> Speedups:
@@ -132,13 +137,23 @@ class VideoGenerator:
             for module in [*unet.modules(), *vae.modules()]:
                 if isinstance(module, torch.nn.Conv2d):
                     module.to(memory_format=torch.channels_last)
+        if speedups.fp8:
+            quantize_fp8(unet, device)
+        # dynamic=False: each image orientation gets kernels of its own fixed shape; letting
+        # the second shape turn the graph dynamic gives slower kernels to both.
         if speedups.compile_unet:
-            unet.compile()
+            unet.compile(dynamic=False)
         if speedups.compile_vae:
-            vae.decoder.compile()
+            vae.decoder.compile(dynamic=False)
         if speedups.low_memory and device.type == "cuda":
             self.pipe.enable_model_cpu_offload(device=device)
-            unet.enable_forward_chunking(chunk_size=1, dim=1)
+            # dim 0 is the frames (and, in temporal blocks, diffusers chunks the frames
+            # itself): one frame's feed-forward at a time, a few dozen calls per layer.
+            unet.enable_forward_chunking(chunk_size=1, dim=0)
+        self.phases = PhaseTimer(self.pipe, device)
+        # Once set (after warming up), shapes outside it run eagerly instead of compiling
+        # for minutes inside a request: (num_frames, height, width).
+        self.compiled_shapes: set[tuple[int, int, int]] | None = None
 
     @classmethod
     def load(cls, pipeline_dir: Path, image_encoder_dir: Path, device: str = "auto",
@@ -150,21 +165,30 @@ class VideoGenerator:
         return cls(parts, dev, speedups)
 
     def generate(self, image: np.ndarray, settings: GenerationSettings,
-                 on_step: Callable[[int, int], None] | None = None) -> np.ndarray:
+                 on_step: Callable[[int, int], None] | None = None,
+                 timings: dict | None = None) -> np.ndarray:
         """(H, W, 3) uint8 image at the model's size → (frames, H, W, 3) uint8 video.
 
-        `on_step(step, total)` runs after every denoising step; an exception raised there
-        stops the generation (that is how a cancelled request gives the GPU back).
+        `on_step(step, total)` runs after every denoising step, once the step's GPU work is
+        done; an exception raised there stops the generation (that is how a cancelled
+        request gives the GPU back). `timings`, if given, gets the seconds of each phase:
+        image_encode, denoise, vae_decode.
         """
         height, width = image.shape[:2]
         generator = torch.Generator(self.device).manual_seed(settings.seed)
+        self.phases.reset()
+        start = time.perf_counter()
 
         def step_end(pipe, i, t, kwargs):
             if on_step is not None:
+                _sync(self.device)  # the step really ran: progress and deadlines are true
                 on_step(i + 1, settings.num_inference_steps)
             return kwargs
 
-        with self._attention_backends():
+        shape = (settings.num_frames, height, width)
+        stance = ("force_eager" if self.compiled_shapes is not None and shape not in self.compiled_shapes
+                  else "default")
+        with self._attention_backends(), torch.compiler.set_stance(stance):
             frames = self.pipe(
                 Image.fromarray(image), height=height, width=width,
                 num_frames=settings.num_frames, num_inference_steps=settings.num_inference_steps,
@@ -175,7 +199,11 @@ class VideoGenerator:
                 decode_chunk_size=settings.decode_chunk_size, generator=generator,
                 output_type="pt", callback_on_step_end=step_end,
             ).frames[0]
-        return to_uint8(frames)
+        video = to_uint8(frames)
+        if timings is not None:
+            timings.update(self.phases.times)
+            timings["denoise"] = time.perf_counter() - start - sum(self.phases.times.values())
+        return video
 
     def _attention_backends(self) -> contextlib.AbstractContextManager:
         if not (self.speedups.cudnn_attention and self.device.type == "cuda"):
@@ -183,6 +211,60 @@ class VideoGenerator:
         order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
                  SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
         return sdpa_kernel(order, set_priority=True)
+
+
+class PhaseTimer:
+    """Times the pipeline's image-encode and decode methods (device synchronised around
+    them, a few times per generation); the rest of a generation is the denoising loop."""
+
+    PHASES = {"_encode_image": "image_encode", "_encode_vae_image": "image_encode",
+              "decode_latents": "vae_decode"}
+
+    def __init__(self, pipe, device: torch.device):
+        self.device, self.times = device, {}
+        for method, phase in self.PHASES.items():
+            setattr(pipe, method, self._timed(getattr(pipe, method), phase))
+
+    def reset(self) -> None:
+        self.times = {phase: 0.0 for phase in self.PHASES.values()}
+
+    def _timed(self, fn, phase):
+        def wrapper(*args, **kwargs):
+            _sync(self.device)
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            _sync(self.device)
+            self.times[phase] = self.times.get(phase, 0.0) + time.perf_counter() - start
+            return out
+        return wrapper
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def quantize_fp8(unet: torch.nn.Module, device: torch.device) -> None:
+    """FP8 weights and activations (dynamic per-row scales) for the linear layers of the
+    UNet's transformer blocks, where most of its matmul work is; convolutions stay fp16."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
+        raise ValueError("FP8 needs an NVIDIA GPU of compute capability 8.9 or newer "
+                         "(Ada, Hopper, Blackwell); turn FP8 off on this device")
+    try:
+        from torchao.quantization import (Float8DynamicActivationFloat8WeightConfig, PerRow,
+                                          PerTensor, quantize_)
+    except ImportError as e:
+        raise ValueError("FP8 needs torchao: pip install torchao==0.18.0") from e
+
+    def in_transformer(module: torch.nn.Module, name: str) -> bool:
+        return (isinstance(module, torch.nn.Linear) and "transformer_blocks" in name
+                and module.in_features % 16 == 0 and module.out_features % 16 == 0)
+
+    # torchao's per-row scales take bfloat16 weights only (an fp16 UNet failed with
+    # "PerRow quantization only works for bfloat16" on the H100): one scale per tensor there.
+    granularity = PerRow() if unet.dtype == torch.bfloat16 else PerTensor()
+    quantize_(unet, Float8DynamicActivationFloat8WeightConfig(granularity=granularity),
+              filter_fn=in_transformer)
 
 
 def to_uint8(frames: torch.Tensor) -> np.ndarray:

@@ -24,5 +24,8 @@ def test_bench_runs_on_cpu_with_demo_model(tmp_path):
     assert set(eager["phases"]) == {"image_encode", "unet_steps", "vae_decode", "video_encode"}
     assert eager["equivalent_to_eager"] and report["pipeline"]["flops"]["unet_forward"] > 0
     assert report["pipeline"]["vanilla"]["seconds"] > 0
-    assert report["server"]["cold_cache"]["ready_s"] > 0
+    server = report["server"]["cold_cache"]
+    assert server["ready_s"] > 0
+    # The server says where each request's time went (Server-Timing header).
+    assert {"queue_wait", "denoise", "vae_decode", "video_encode"} <= set(server["server_timing"][0])
     assert "| (a) vanilla diffusers |" in docs.read_text()

@@ -153,7 +153,14 @@ def test_built_bento_answers_the_blog_curl(served, test_image, tmp_path):
     headers, video = run_blog_curl(served, test_image, tmp_path)
     assert "x-model: demo" in headers
     assert_video(video, frames=DEMO.num_frames, fps=7, size=(DEMO.width, DEMO.height))
-    assert 'from "svd-service:latest"' in served.log_text()
+    assert 'from "svd-service:latest"' in served.log.read_text()
+
+
+def test_built_bento_serves_the_web_page_and_info(served):
+    page = httpx.get(f"{served.url}/ui/", timeout=30)
+    assert page.status_code == 200 and "<script" in page.text
+    assert httpx.get(f"{served.url}/ui/app.js", timeout=30).status_code == 200
+    assert httpx.get(f"{served.url}/info", timeout=30).json()["model"] == "demo"
 
 
 # --- BentoCloud -----------------------------------------------------------------------------

@@ -1,0 +1,79 @@
+"""bentosvd.dispatch and bentosvd.jobs on their own: queue order, limits, job lifetimes."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from bentosvd.dispatch import Dispatcher, Full, RecentDuration
+from bentosvd.jobs import Job, JobStore
+
+
+def test_requests_get_free_workers_first_come_first_served():
+    async def scenario():
+        d = Dispatcher(workers=2, max_waiting=2)
+        a, b, c, e = d.enter(), d.enter(), d.enter(), d.enter()
+        assert [await a.wait(), await b.wait()] == [0, 1]
+        assert (c.position, e.position) == (0, 1) and (d.running, d.waiting) == (2, 2)
+        with pytest.raises(Full):
+            d.enter()
+        b.leave()  # worker 1 frees: the first in the queue takes it
+        assert await c.wait() == 1 and e.position == 0
+        e.leave()  # leaving the queue gives the place up
+        assert d.waiting == 0
+        a.leave()
+        a.leave()  # twice is harmless
+        f = d.enter()
+        assert await f.wait() == 0 and d.running == 2
+
+    asyncio.run(scenario())
+
+
+def test_a_cancelled_wait_leaves_no_ghost_in_the_queue():
+    async def scenario():
+        d = Dispatcher(workers=1, max_waiting=1)
+        running, waiting = d.enter(), d.enter()
+        task = asyncio.ensure_future(waiting.wait())
+        await asyncio.sleep(0)
+        task.cancel()
+        waiting.leave()
+        assert d.waiting == 0
+        running.leave()
+        assert d.running == 0
+
+    asyncio.run(scenario())
+
+
+def test_retry_after_follows_recent_generation_times():
+    recent = RecentDuration(first_guess=10)
+    assert recent.retry_after(ahead=3, workers=1) == 30  # no history: the first guess
+    recent.record(4.0)
+    assert recent.retry_after(ahead=3, workers=2) == 6
+    recent.record(9.0)  # moving average: 0.8 * 4 + 0.2 * 9 = 5
+    assert recent.retry_after(ahead=1, workers=1) == 5
+    assert recent.retry_after(ahead=0, workers=8) == 1  # never below one second
+
+
+def test_job_store_forgets_finished_jobs_by_age_then_by_count():
+    store = JobStore(ttl=100, max_finished=2)
+    jobs = [store.add(Job(seed=i, format="mp4", total_steps=8)) for i in range(4)]
+    for i, job in enumerate(jobs[:3]):
+        job.succeed(b"video", "video/mp4")
+        job.finished_at = 1000.0 + i
+    store.prune(now=1050)  # three finished, two kept: the oldest goes; running ones stay
+    assert [j.id in store._jobs for j in jobs] == [False, True, True, True]
+    store.prune(now=1101.5)  # job 1 finished at 1001: past its 100 s
+    assert store._jobs.keys() == {jobs[2].id, jobs[3].id}
+
+
+def test_job_json_says_where_it_is():
+    job = Job(seed=7, format="gif", total_steps=25)
+    body = job.to_json()
+    assert body["status"] == "queued" and body["step"] == 0 and body["total_steps"] == 25
+    assert body["result_url"] == f"/jobs/{job.id}/result" and body["error"] is None
+    job.fail(499, {"error": "Client Closed Request", "message": "cancelled"})
+    assert job.status == "cancelled" and job.finished
+    job2 = Job(seed=1, format="mp4", total_steps=2)
+    job2.fail(504, {"error": "Gateway Timeout", "message": "late"})
+    assert job2.to_json()["status"] == "failed" and job2.to_json()["error"]["message"] == "late"

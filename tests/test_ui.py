@@ -1,0 +1,299 @@
+"""The web page at /ui, in a real headless Chromium (Debian's, driven by Playwright) against
+the real `bentoml serve` with the demo model: what a user clicks, what the server answers,
+the video file the Download link gives."""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import json
+import os
+import shutil
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+
+from bentosvd.video import probe_video
+from tests.conftest import make_image
+
+GENERATION_MS = 90_000  # a demo generation takes ~3 s on a CPU; a slow shared CI machine more
+
+
+def _unavailable(reason: str):
+    # CI must run these tests; a developer without the browser gets a skip that says why.
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason} (CI is set, so this is a failure, not a skip)")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def chromium() -> str:
+    """The system Chromium's path; checked first (autouse), before the server starts."""
+    if importlib.util.find_spec("playwright") is None:
+        _unavailable("playwright is not installed: pip install -r requirements-dev.txt")
+    path = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if not path:
+        _unavailable("chromium is not installed: bash scripts/install_browser.sh")
+    return path
+
+
+@pytest.fixture(scope="module")
+def browser(chromium):
+    from playwright.sync_api import sync_playwright
+
+    # Playwright's own browser download is unreachable here; the system Chromium is driven instead.
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium)
+        yield browser
+        browser.close()
+
+
+def js_number(x: float) -> str:
+    """`x` as JavaScript writes it (1.0 → "1")."""
+    return str(int(x)) if x == int(x) else repr(x)
+
+
+@pytest.fixture(scope="module")
+def info(server) -> dict:
+    response = httpx.get(f"{server.url}/info", timeout=30)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+class UI:
+    """The page, with every request it made and every script error it hit."""
+
+    def __init__(self, page, server):
+        self.page = page
+        self.server = server
+        self.requests: list[str] = []
+        self.script_errors: list[str] = []
+        page.on("request", lambda r: self.requests.append(r.url))
+        page.on("pageerror", lambda e: self.script_errors.append(str(e)))
+
+    def open(self, path: str = "/ui/") -> None:
+        self.page.goto(f"{self.server.url}{path}")
+        self.page.wait_for_selector("#param-fps_id")  # the form is built from /info
+        # Every text #status shows, in order, however briefly.
+        self.page.evaluate("""() => {
+            window.statusLog = [];
+            new MutationObserver(() => window.statusLog.push(
+                document.getElementById('status').dataset.status + ': ' +
+                document.getElementById('status').textContent))
+              .observe(document.getElementById('status'), {childList: true, subtree: true, attributes: true});
+        }""")
+
+    def choose(self, path: Path) -> None:
+        """Pick `path` with the file picker; return once its preview is drawn."""
+        self.page.set_input_files("#file", str(path))
+        self.wait_caption(path.name)
+
+    def wait_caption(self, text: str) -> None:
+        self.page.wait_for_function(
+            "text => document.getElementById('preview-caption').textContent.includes(text)", arg=text)
+
+    def canvas_size(self) -> tuple[int, int]:
+        return tuple(self.page.eval_on_selector("#preview", "c => [c.width, c.height]"))
+
+    def pixel(self, x: int, y: int) -> list[int]:
+        return self.page.eval_on_selector(
+            "#preview", f"c => Array.from(c.getContext('2d').getImageData({x}, {y}, 1, 1).data)")
+
+    def wait_status(self, status: str, timeout: float = GENERATION_MS) -> None:
+        self.page.wait_for_selector(f"#status[data-status={status}]", timeout=timeout)
+
+    def off_host(self) -> list[str]:
+        host = urlsplit(self.server.url).netloc
+        return [u for u in self.requests
+                if not u.startswith(("data:", "blob:")) and urlsplit(u).netloc != host]
+
+
+@pytest.fixture
+def ui(browser, server):
+    context = browser.new_context(accept_downloads=True)
+    page = context.new_page()
+    page.set_default_timeout(30_000)
+    ui = UI(page, server)
+    yield ui
+    context.close()
+    assert not ui.script_errors, ui.script_errors
+
+
+def test_page_shows_the_model_its_warning_and_the_bounds_from_info(ui, info):
+    ui.open("/ui")  # without the slash: redirected to /ui/, so relative links resolve
+    assert urlsplit(ui.page.url).path == "/ui/"
+    if info["warning"]:
+        assert ui.page.is_visible("#warning")
+        assert info["warning"] in ui.page.inner_text("#warning")
+    else:
+        assert ui.page.is_hidden("#warning")
+
+    for name, schema in info["params"].items():
+        # pydantic writes an optional field as anyOf [{...}, {"type": "null"}]
+        prop = {**next((s for s in schema.get("anyOf", []) if s.get("type") != "null"), {}), **schema}
+        field = ui.page.locator(f"#param-{name}")
+        row_text = ui.page.locator(".param", has=field).inner_text()
+        if "enum" in prop:
+            options = field.locator("option").all_inner_texts()
+            assert options == prop["enum"], name
+            assert field.input_value() == prop["default"], name
+        elif prop.get("type") == "boolean":
+            assert field.is_checked() == bool(prop.get("default")), name
+        elif "minimum" in prop and "maximum" in prop:
+            low, high = js_number(prop["minimum"]), js_number(prop["maximum"])
+            assert (field.get_attribute("min"), field.get_attribute("max")) == (low, high), name
+            assert f"{low} to {high}" in row_text, name
+            expected = "" if prop.get("default") is None else js_number(prop["default"])
+            assert field.input_value() == expected, name
+        if prop.get("description"):
+            assert prop["description"] in row_text, name
+    # seed's default is null: "randomize" is on, and no seed is sent
+    assert ui.page.is_checked("#randomize")
+    assert ui.page.is_disabled("#param-seed")
+    assert ui.page.is_disabled("#submit")  # until an image is chosen
+    assert not ui.off_host(), ui.off_host()
+
+
+def test_preview_is_the_image_as_the_model_sees_it(ui, info, tmp_path):
+    width, height = info["width"], info["height"]
+    ui.open()
+    ui.choose(make_image(tmp_path / "portrait.png", size=(600, 900)))
+    assert ui.canvas_size() == (height, width)  # portrait: swapped, 144×256 for the demo
+    corner = ui.pixel(height // 2, 2)  # "crop" covers the canvas: image at the top edge
+    assert corner[:3] != [0, 0, 0], corner
+
+    # "pad" fits 600×900 inside 144×256: 144×216 with black bars of 20 px above and below
+    ui.page.select_option("#param-sizing", "pad")
+    ui.wait_caption("(pad)")
+    assert ui.canvas_size() == (height, width)
+    assert ui.pixel(height // 2, 2) == [0, 0, 0, 255]
+    assert ui.pixel(height // 2, width // 2)[:3] != [0, 0, 0]
+
+    ui.choose(make_image(tmp_path / "landscape.png", size=(800, 600)))
+    assert ui.canvas_size() == (width, height)
+    ui.choose(make_image(tmp_path / "square.png", size=(500, 500)))
+    assert ui.canvas_size() == (width, height)  # square counts as landscape
+    assert ui.page.is_enabled("#submit")
+
+
+def test_drop_an_image(ui, info, tmp_path):
+    ui.open()
+    data = make_image(tmp_path / "dropped.png", size=(300, 700)).read_bytes()
+    ui.page.evaluate("""b64 => {
+        const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+        const dt = new DataTransfer();
+        dt.items.add(new File([bytes], 'dropped.png', {type: 'image/png'}));
+        document.getElementById('drop').dispatchEvent(
+            new DragEvent('drop', {dataTransfer: dt, bubbles: true, cancelable: true}));
+    }""", base64.b64encode(data).decode())
+    ui.wait_caption("dropped.png")
+    assert ui.canvas_size() == (info["height"], info["width"])
+
+
+def test_generate_plays_the_video_and_downloads_a_valid_mp4(ui, info, tmp_path):
+    seed = 1234567890123  # above 2^32: checks the seed survives as a JavaScript number
+    ui.open()
+    ui.choose(make_image(tmp_path / "portrait.png", size=(600, 900)))
+    ui.page.uncheck("#randomize")
+    ui.page.fill("#param-seed", str(seed))
+    ui.page.click("#submit")
+    assert ui.page.is_enabled("#cancel")
+    ui.wait_status("succeeded")
+
+    log = ui.page.evaluate("window.statusLog")
+    assert any(line.startswith("running:") for line in log), log
+    for line in log:
+        if line.startswith("running: Step "):
+            assert line.endswith(f" of {info['num_inference_steps']}"), line
+    assert ui.page.eval_on_selector("#progress", "p => p.value === p.max")
+
+    ui.page.wait_for_function(
+        "() => { const v = document.querySelector('#player video'); return v && v.readyState >= 1 }")
+    duration, video_width, video_height = ui.page.eval_on_selector(
+        "#player video", "v => [v.duration, v.videoWidth, v.videoHeight]")
+    assert duration > 0
+    assert (video_width, video_height) == (info["height"], info["width"])
+    assert ui.page.inner_text("#seed") == f"Seed used: {seed}"
+
+    with ui.page.expect_download() as download:
+        ui.page.click("#download")
+    assert download.value.suggested_filename == f"portrait-{info['model']}-seed{seed}.mp4"
+    video = probe_video(Path(download.value.path()).read_bytes())
+    assert video["codec"] == "h264"
+    assert video["frames"] == info["num_frames"]
+    assert (video["width"], video["height"]) == (info["height"], info["width"])
+    assert video["fps"] == 6 + 1  # fps_id's default
+    assert ui.page.is_enabled("#submit") and ui.page.is_disabled("#cancel")
+    assert not ui.off_host(), ui.off_host()
+
+
+def test_gif_plays_in_an_img(ui, info, tmp_path):
+    ui.open()
+    ui.choose(make_image(tmp_path / "photo.png", size=(800, 600)))
+    ui.page.select_option("#param-format", "gif")
+    ui.page.click("#submit")
+    ui.wait_status("succeeded")
+    ui.page.wait_for_function(
+        "() => { const i = document.querySelector('#player img'); return i && i.complete && i.naturalWidth }")
+    size = ui.page.eval_on_selector("#player img", "i => [i.naturalWidth, i.naturalHeight]")
+    assert size == [info["width"], info["height"]]
+    # randomize was on: the seed the server picked is shown, and put in the seed field
+    shown = int(ui.page.get_attribute("#seed", "data-seed"))
+    assert ui.page.input_value("#param-seed") == str(shown)
+    assert ui.page.get_attribute("#download", "download") == f"photo-{info['model']}-seed{shown}.gif"
+
+
+def test_server_errors_are_shown_with_their_fix(ui, server, tmp_path):
+    garbage = tmp_path / "garbage.png"
+    garbage.write_bytes(b"this is not an image")
+    expected = httpx.post(f"{server.url}/jobs", files={"img": ("garbage.png", b"this is not an image",
+                                                                "image/png")},
+                          data={"params": "{}"}, timeout=30)
+    assert expected.status_code == 400, expected.text
+    body = expected.json()
+
+    ui.open()
+    ui.choose(garbage)
+    assert "cannot show it" in ui.page.inner_text("#preview-caption")
+    ui.page.click("#submit")
+    ui.page.wait_for_selector("#error:not([hidden])")
+    assert ui.page.inner_text("#error-message") == body["message"]
+    if body.get("fix"):
+        assert ui.page.inner_text("#error-fix") == f"Fix: {body['fix']}"
+    assert ui.page.get_attribute("#status", "data-status") == "failed"
+    assert ui.page.is_enabled("#submit")  # the user can pick another image and retry
+
+
+def test_cancel_a_job(ui, server, tmp_path):
+    ui.open()
+    ui.choose(make_image(tmp_path / "photo.png", size=(800, 600)))
+    with ui.page.expect_response(lambda r: r.url.endswith("/jobs") and r.request.method == "POST") as created:
+        ui.page.click("#submit")
+        ui.page.click("#cancel")  # at once: the upload may still be on its way
+    job_id = created.value.json()["id"]
+    ui.wait_status("cancelled")
+    assert ui.page.is_hidden("#result")
+    assert ui.page.is_enabled("#submit") and ui.page.is_disabled("#cancel")
+
+    state = httpx.get(f"{server.url}/jobs/{job_id}", timeout=30).json()
+    assert state["status"] == "cancelled", json.dumps(state)
+    assert httpx.get(f"{server.url}/jobs/{job_id}/result", timeout=30).status_code >= 400
+
+
+def test_a_second_job_shows_its_place_in_the_queue(browser, server, ui, tmp_path):
+    first = ui
+    second = UI(browser.new_page(), server)
+    for page in (first, second):
+        page.open()
+        page.choose(make_image(tmp_path / "photo.png", size=(800, 600)))
+    with first.page.expect_response(lambda r: r.url.endswith("/jobs")):
+        first.page.click("#submit")
+    second.page.click("#submit")  # the demo's one worker is busy with the first for ~3 s
+    second.wait_status("succeeded")
+    first.wait_status("succeeded")
+    log = second.page.evaluate("window.statusLog")
+    assert any(line.startswith("queued: Queued") for line in log), log
+    second.page.close()
+    assert not second.script_errors, second.script_errors
