@@ -125,7 +125,8 @@ class GenerationWorker:
 
     `generate` streams lines of JSON: {"event": "started"} once the GPU is its,
     {"event": "step", "step": i, "total": n} after each denoising step, then either
-    {"event": "done", "video": <base64>, "timings": {...}} or {"event": "error",
+    {"event": "generated"} (the GPU is free again; the video is being encoded) and
+    {"event": "done", "video": <base64>, "timings": {...}}, or {"event": "error",
     "kind": "timeout" | "gpu_oom", "message": ...}.
     """
 
@@ -156,7 +157,8 @@ class GenerationWorker:
         if variant.name == "demo":
             logger.warning(NOISE_WARNING)
         # The pipeline is not thread-safe, and one GPU runs one generation well. The API
-        # sends one request at a time; the lock holds even if something else calls.
+        # sends the next request once this one's frames are made (its video may still be
+        # encoding); the lock holds even if something else calls.
         self.lock = threading.Lock()
         self.faults_in_a_row = 0
         self.injected_faults = settings.inject_faults
@@ -188,8 +190,10 @@ class GenerationWorker:
             result = work.result()
             if "frames" in result:
                 frames, timings = result.pop("frames"), result["timings"]
+                # The GPU is free: the API may send the next request, whose generation then
+                # overlaps this encode.
+                yield event_line(event="generated")
                 started = time.perf_counter()
-                # Outside the GPU lock: the next request's generation overlaps this encode.
                 video = await asyncio.to_thread(encode_output, frames, output)
                 timings["video_encode"] = time.perf_counter() - started
                 result["video"] = base64.b64encode(video).decode()
@@ -428,6 +432,9 @@ class SVD:
                 job.status = "running"
             elif event["event"] == "step":
                 job.step = event["step"]
+            elif event["event"] == "generated":  # the worker's GPU is free while it encodes
+                ticket.leave()
+                self._gauge_queue()
 
         try:
             index = await ticket.wait()
