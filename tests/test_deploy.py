@@ -68,7 +68,7 @@ def test_build_gives_tagged_bento(bento):
 
 def test_bento_has_code_models_and_pinned_requirements(bento):
     src = bento.path / "src"
-    for name in ["service.py", "config.py", "model_store.py", "import_model.py", "request_guard.py",
+    for name in ["service.py", "worker.py", "config.py", "model_store.py", "import_model.py", "request_guard.py",
                  "bentoml_configuration.yaml"]:
         assert (src / name).is_file(), name
     assert {p.name for p in (src / "bentosvd").glob("*.py")} == {p.name for p in (ROOT / "bentosvd").glob("*.py")}
