@@ -159,3 +159,23 @@ def test_each_answer_says_where_its_time_went(server, test_image):
     metrics = httpx.get(f"{server.url}/metrics").text
     for name in ("svd_phase_seconds_bucket", "svd_queue_wait_seconds_count", 'phase="denoise"'):
         assert name in metrics, name
+
+
+def test_the_next_generation_starts_while_the_last_video_is_encoded(server, test_image):
+    """One GPU worker: once a job's frames are made, the worker takes the next job while it
+    encodes the first (a slow encode here: interpolated to 60 fps, VP9). Both are then
+    "running" at once, which a worker held until its video was sent would never show."""
+    slow = submit(server, test_image, {"seed": 1, "interpolate_fps": 60, "boomerang": True,
+                                       "format": "webm"}).json()
+    nxt = submit(server, test_image, {"seed": 2}).json()
+    overlap, deadline = False, time.monotonic() + 120
+    while time.monotonic() < deadline:
+        a = httpx.get(f"{server.url}/jobs/{slow['id']}").json()
+        b = httpx.get(f"{server.url}/jobs/{nxt['id']}").json()
+        if a["status"] == "running" and a["step"] == a["total_steps"] and b["status"] == "running":
+            overlap = True
+        if a["status"] != "running" and a["status"] != "queued":
+            break
+        time.sleep(0.05)
+    assert a["status"] == "succeeded" and overlap, (a, b)
+    assert wait_finished(server, nxt["id"])[0]["status"] == "succeeded"
