@@ -93,7 +93,8 @@ class SVD:
     del _i, _worker
 
     def __init__(self) -> None:
-        self.dispatcher = Dispatcher(settings.gpu_workers, settings.max_queue)
+        self.dispatcher = Dispatcher(settings.gpu_workers, settings.max_queue,
+                                     on_change=queue_depth.set)
         self.recent = RecentDuration()
         self.jobs = JobStore(ttl=settings.job_ttl, max_finished=settings.max_finished_jobs)
         CURRENT["api"] = self  # for the plain Starlette routes below (GET /jobs/<id>, /info)
@@ -168,7 +169,6 @@ class SVD:
             rejected.inc()
             raise Refused(error_response(429, f"{e}; try again later",
                                          retry_after=self._retry_after())) from None
-        self._gauge_queue()
         job = Job(seed=settings_.seed, format=fmt, total_steps=settings_.num_inference_steps,
                   ticket=ticket)
         deadline = time.time() + settings.timeout - 1  # ours fires before BentoML's own
@@ -186,11 +186,9 @@ class SVD:
                 job.step = event["step"]
             elif event["event"] == "generated":  # the worker's GPU is free while it encodes
                 ticket.leave()
-                self._gauge_queue()
 
         try:
             index = await ticket.wait()
-            self._gauge_queue()
             job.timings["queue_wait"] = time.monotonic() - started
             queue_wait_seconds.observe(job.timings["queue_wait"])
             result = await self._call_worker(
@@ -208,7 +206,6 @@ class SVD:
             self._observe(index, job, params, result.get("gpu_peak_bytes"))
         finally:
             ticket.leave()
-            self._gauge_queue()
 
     async def __is_alive__(self) -> bool:
         for worker in self.workers:
@@ -287,9 +284,6 @@ class SVD:
     def _retry_after(self) -> int:
         return self.recent.retry_after(self.dispatcher.running + self.dispatcher.waiting,
                                        settings.gpu_workers)
-
-    def _gauge_queue(self) -> None:
-        queue_depth.set(self.dispatcher.waiting)
 
     @staticmethod
     def _observe(index: int, job: Job, params: Params, peak_bytes: int | None) -> None:

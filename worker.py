@@ -22,9 +22,10 @@ from pathlib import Path
 
 import bentoml
 import numpy as np
+import torch
 
 from bentosvd.pipeline import GenerationSettings, Speedups, VideoGenerator
-from bentosvd.video import FORMATS, boomerang, encode_video, interpolate
+from bentosvd.video import boomerang, encode_video, interpolate
 from config import get_settings
 from model_store import find_models
 
@@ -65,8 +66,6 @@ def warmup_job(variant) -> GenerationSettings:
 def pick_device(index: int) -> str:
     """Worker `index`'s device. BentoML gives each worker service a GPU of its own (it sets
     CUDA_VISIBLE_DEVICES); with BENTOML_DISABLE_GPU_ALLOCATION each sees all and takes its own."""
-    import torch
-
     if settings.device != "auto":
         return settings.device
     if not torch.cuda.is_available():
@@ -82,8 +81,7 @@ def encode_output(frames: np.ndarray, output: dict) -> bytes:
         frames, fps = interpolate(frames, fps, output["interpolate_fps"]), output["interpolate_fps"]
     if output.get("boomerang"):
         frames = boomerang(frames)
-    crf = settings.video_crf if FORMATS[output["format"]].max_crf is not None else 17
-    return encode_video(frames, fps, output["format"], crf=crf)
+    return encode_video(frames, fps, output["format"], crf=settings.video_crf)  # gif/webp ignore crf
 
 
 def event_line(**event) -> str:
@@ -108,6 +106,7 @@ class GenerationWorker:
     def __init__(self) -> None:
         device = pick_device(self.index)
         speedups = speedups_for(settings, device)
+        self.on_gpu = device.startswith("cuda")
         self.generator = VideoGenerator.load(
             Path(self.variant_model.path) / "pipeline",
             Path(self.image_encoder_model.path) / "image_encoder",
@@ -197,7 +196,7 @@ class GenerationWorker:
                 raise Stopped(f"the deadline passed (step {step}/{total})")
             if self.injected_faults > 0:  # tests: a GPU fault in the middle of a generation
                 self.injected_faults -= 1
-                raise _out_of_memory_error()("injected CUDA out of memory")
+                raise torch.cuda.OutOfMemoryError("injected CUDA out of memory")
             if step:
                 report(event="step", step=step, total=total)
 
@@ -208,7 +207,8 @@ class GenerationWorker:
                 check()  # the caller may have left while this request waited for the GPU
                 report(event="started")
                 in_flight.inc()
-                _reset_peak_memory()
+                if self.on_gpu:
+                    torch.cuda.reset_peak_memory_stats(self.generator.device)
                 try:
                     frames = self.generator.generate(image, job, on_step=check, timings=timings)
                 finally:
@@ -216,42 +216,21 @@ class GenerationWorker:
             except Stopped as e:
                 logger.info("generation stopped: %s", e)
                 return {"event": "error", "kind": "timeout", "message": f"generation stopped: {e}"}
-            except _out_of_memory_error() as e:
+            except torch.cuda.OutOfMemoryError as e:
                 self.faults_in_a_row += 1
                 self._free_gpu_memory()
                 logger.error("GPU out of memory (%d in a row): %s", self.faults_in_a_row, e)
                 return {"event": "error", "kind": "gpu_oom", "message": str(e)[:500]}
         self.faults_in_a_row = 0
-        return {"event": "done", "frames": frames, "timings": timings,
-                "gpu_peak_bytes": _peak_memory()}
+        peak = torch.cuda.max_memory_allocated(self.generator.device) if self.on_gpu else None
+        return {"event": "done", "frames": frames, "timings": timings, "gpu_peak_bytes": peak}
 
     def _free_gpu_memory(self) -> None:
         # The failed step's tensors are garbage once its frames are gone; hand their
         # blocks back to the driver so the next request starts from a clean pool.
-        import torch
-
         gc.collect()
-        if torch.cuda.is_available():
+        if self.on_gpu:
             torch.cuda.empty_cache()
-
-
-def _out_of_memory_error() -> type[Exception]:
-    import torch
-
-    return torch.cuda.OutOfMemoryError
-
-
-def _reset_peak_memory() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-
-
-def _peak_memory() -> int | None:
-    import torch
-
-    return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
 
 
 def worker_service(index: int):

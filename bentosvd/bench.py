@@ -34,7 +34,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from bentosvd.components import build_demo, build_synthetic
-from bentosvd.pipeline import GenerationSettings, Speedups, VideoGenerator
+from bentosvd.pipeline import GenerationSettings, Speedups, VideoGenerator, sync
 from bentosvd.video import encode_mp4
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,11 +50,6 @@ MODES = {
 # Modes that claim the same output as eager fp16 must stay this close to it on every frame
 # (fp16 rounding differences land at 60+ dB; a real change of the output far below 40).
 PSNR_TOLERANCE_DB = 40.0
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:

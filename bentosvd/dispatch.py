@@ -43,9 +43,13 @@ class Ticket:
 
 
 class Dispatcher:
-    def __init__(self, workers: int, max_waiting: int):
+    """`on_change(waiting)` is called whenever the number of waiting requests may have
+    changed (e.g. to set a queue-depth gauge)."""
+
+    def __init__(self, workers: int, max_waiting: int, on_change=lambda waiting: None):
         self.workers = workers
         self.max_waiting = max_waiting
+        self.on_change = on_change
         self._idle = list(range(workers))
         self._waiting: deque[Ticket] = deque()
 
@@ -64,6 +68,7 @@ class Dispatcher:
         ticket = Ticket(self)
         self._waiting.append(ticket)
         self._assign()
+        self.on_change(self.waiting)
         return ticket
 
     def _assign(self) -> None:
@@ -80,6 +85,7 @@ class Dispatcher:
             self._idle.sort()
             ticket.worker = None
             self._assign()
+        self.on_change(self.waiting)
 
 
 class RecentDuration:

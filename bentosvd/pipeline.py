@@ -181,7 +181,7 @@ class VideoGenerator:
 
         def step_end(pipe, i, t, kwargs):
             if on_step is not None:
-                _sync(self.device)  # the step really ran: progress and deadlines are true
+                sync(self.device)  # the step really ran: progress and deadlines are true
                 on_step(i + 1, settings.num_inference_steps)
             return kwargs
 
@@ -230,16 +230,17 @@ class PhaseTimer:
 
     def _timed(self, fn, phase):
         def wrapper(*args, **kwargs):
-            _sync(self.device)
+            sync(self.device)
             start = time.perf_counter()
             out = fn(*args, **kwargs)
-            _sync(self.device)
+            sync(self.device)
             self.times[phase] = self.times.get(phase, 0.0) + time.perf_counter() - start
             return out
         return wrapper
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU), so times are true."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
