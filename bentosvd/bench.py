@@ -112,6 +112,65 @@ def measure(gen, image, settings, repeats: int) -> dict:
     return best
 
 
+# Kernel name patterns → what the kernel does, checked in this order (cuDNN's and cuBLAS's
+# kernel names on Hopper, Triton's from Inductor; CPU op names for the CPU run).
+KERNEL_KINDS = [
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("convolution", ("conv", "fprop", "dgrad", "wgrad", "cudnn")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "addmm", "aten::mm", "aten::bmm", "triton_tem")),
+    ("norm", ("norm",)),
+    ("fused pointwise/reduction (Triton)", ("triton_",)),
+    ("copy", ("memcpy", "memset", "copy", "aten::cat")),
+]
+
+
+def kernel_kind(name: str) -> str:
+    lower = name.lower()
+    for kind, patterns in KERNEL_KINDS:
+        if any(p in lower for p in patterns):
+            return kind
+    return "other"
+
+
+def profile_step(gen: VideoGenerator, image: np.ndarray, settings: GenerationSettings) -> dict:
+    """The device's kernels during one denoising step (the second of three), by kind and
+    the top ones, and how busy the device was: what holds the UNet back."""
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    on_gpu = gen.device.type == "cuda"
+    marks = []
+
+    def on_step(i, n):  # after each step, device synchronised
+        marks.append(time.perf_counter())
+        prof.step()
+
+    activities = [ProfilerActivity.CUDA] if on_gpu else [ProfilerActivity.CPU]
+    with profile(activities=activities, schedule=schedule(wait=1, warmup=0, active=1, repeat=1)) as prof:
+        gen.generate(image, replace(settings, num_inference_steps=3), on_step=on_step)
+    wall = marks[1] - marks[0]
+    kernels = {}
+    for e in prof.key_averages():
+        if on_gpu and e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        t = (e.self_device_time_total if on_gpu else e.self_cpu_time_total) / 1e6
+        if t > 0 and not e.key.startswith("ProfilerStep"):
+            kernels[e.key] = (t, e.count)
+    busy = sum(t for t, _ in kernels.values())
+    by_kind: dict[str, float] = {}
+    for name, (t, _) in kernels.items():
+        by_kind[kernel_kind(name)] = by_kind.get(kernel_kind(name), 0.0) + t
+    top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:15]
+    result = {
+        "step_wall_s": wall, "kernel_s": busy, "device_busy": busy / wall if on_gpu else None,
+        "by_kind_s": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
+        "top_kernels": [{"name": n[:160], "seconds": t, "calls": c, "kind": kernel_kind(n)}
+                        for n, (t, c) in top],
+    }
+    print("profile of one step:", json.dumps({k: v for k, v in result.items() if k != "top_kernels"}),
+          flush=True)
+    return result
+
+
 def vanilla(parts: dict, image: np.ndarray, settings: GenerationSettings, device, repeats: int) -> dict:
     """Plain diffusers as the seeds call it: PIL in, PIL frames out, then exported."""
     from diffusers import StableVideoDiffusionPipeline
@@ -170,6 +229,8 @@ def bench_pipeline(args, device, dtype, save=lambda r: None) -> dict:
     flops = count_flops(parts["unet"], parts["vae"], settings, args.height, args.width)
     result["flops"] = flops
     modes = {name: MODES[name] for name in args.modes} if device.type == "cuda" else {"eager": Speedups()}
+    if device.type != "cuda" and args.profile:
+        args.profile = ["eager"]
     result["modes"] = {}
     for name, speedups in modes.items():
         try:
@@ -182,6 +243,8 @@ def bench_pipeline(args, device, dtype, save=lambda r: None) -> dict:
             result["modes"][name] = {"error": repr(e)}
             print(f"{name}: FAILED {e!r}", flush=True)
             continue
+        if name in args.profile:
+            r["profile"] = profile_step(gen, image, settings)
         frames = r.pop("frames")
         r["psnr_vs_eager_db"] = psnr(frames, reference)
         r["equivalent_to_eager"] = r["psnr_vs_eager_db"] >= PSNR_TOLERANCE_DB
@@ -291,6 +354,24 @@ def parse_server_timing(header: str | None) -> dict:
     return phases
 
 
+def burst(url: str, png: bytes, params: dict, n: int, latency: float) -> dict:
+    """n requests at once: each worker encodes a video while its GPU already runs the
+    next request, so n take less than n times one request's latency."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(n) as pool:
+        answers = list(pool.map(lambda i: post_image(url, png, {**params, "seed": i}), range(n)))
+    wall = time.perf_counter() - start
+    statuses = [a[1] for a in answers]
+    assert statuses == [200] * n, statuses
+    result = {"requests": n, "wall_s": wall, "per_request_s": wall / n,
+              "vs_sequential": n * latency / wall,
+              "latencies_s": sorted(a[0] for a in answers)}
+    print("burst:", result, flush=True)
+    return result
+
+
 def oom_check(url: str, png: bytes) -> dict:
     """A real CUDA out-of-memory in the server: take all but 1 GiB of the GPU's free memory
     in this process, ask for a full-batch decode (decoding_t = all frames, ~20 GiB more),
@@ -341,7 +422,10 @@ def bench_server(args, save=lambda r: None) -> dict:
     buf = io.BytesIO()
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (args.height, args.width, 3), dtype=np.uint8)).save(buf, "PNG")
-    params = {"seed": 0, "decoding_t": args.decoding_t}
+    # The same generation as (b): the variant's own defaults differ (SVD-XT: 30 steps).
+    params = {"seed": 0, "decoding_t": args.decoding_t, "num_frames": args.frames,
+              "num_inference_steps": args.steps, "min_guidance_scale": 1.0,
+              "max_guidance_scale": 3.0}
     result = {}
     for start_kind in args.server_starts:
         port = 3900 + (start_kind == "warm_cache")
@@ -363,6 +447,9 @@ def bench_server(args, save=lambda r: None) -> dict:
                                   "latency_s": statistics.median(latencies[1:]),
                                   "all_s": latencies[1:], "server_timing": timings[1:],
                                   "warmup": args.server_warmup}
+            if args.server_burst and start_kind == args.server_starts[0]:
+                result[start_kind]["burst"] = burst(url, buf.getvalue(), params, args.server_burst,
+                                                    result[start_kind]["latency_s"])
             if args.oom_check and "oom_check" not in result:
                 result["oom_check"] = oom_check(url, buf.getvalue())
             save(result)
@@ -370,7 +457,11 @@ def bench_server(args, save=lambda r: None) -> dict:
                   f"latency {result[start_kind]['latency_s']:.2f} s", flush=True)
         finally:
             os.killpg(proc.pid, 15)
-            proc.wait(60)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:  # a stuck shutdown must not lose the numbers
+                os.killpg(proc.pid, 9)
+                proc.wait()
             log.close()
             if proc.returncode not in (0, -15):
                 print((work / f"{start_kind}.log").read_text()[-3000:])
@@ -438,6 +529,9 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--modes", nargs="*", default=["fast", "low_memory", "fp8", "fast_vae"],
                         choices=list(MODES), help="pipeline modes to time on a GPU, in this order")
+    parser.add_argument("--profile", nargs="*", default=[], choices=list(MODES),
+                        help="profile one denoising step of these modes (kernels by kind, device "
+                        "busy share); on the CPU, the eager demo")
     parser.add_argument("--sweep", action="store_true", help="also vary frames, steps, resolution")
     parser.add_argument("--server", action="store_true", help="also benchmark bentoml serve end to end")
     parser.add_argument("--server-only", action="store_true", help="only the server benchmark")
@@ -447,6 +541,8 @@ def main(argv=None) -> int:
                         "the pipeline benchmark filled, the first start already finds it warm")
     parser.add_argument("--server-warmup", nargs="+", default=["landscape", "portrait"],
                         choices=["landscape", "portrait"], help="the server's WARMUP shapes")
+    parser.add_argument("--server-burst", type=int, default=0, metavar="N",
+                        help="also send N requests at once and time them (encode/generate overlap)")
     parser.add_argument("--oom-check", action="store_true",
                         help="GPU: force a real CUDA out-of-memory in the server and check it recovers")
     parser.add_argument("--ready-timeout", type=float, default=900)

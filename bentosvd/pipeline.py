@@ -166,13 +166,14 @@ class VideoGenerator:
 
     def generate(self, image: np.ndarray, settings: GenerationSettings,
                  on_step: Callable[[int, int], None] | None = None,
-                 timings: dict | None = None) -> np.ndarray:
+                 timings: dict | None = None, decode: bool = True) -> np.ndarray | None:
         """(H, W, 3) uint8 image at the model's size → (frames, H, W, 3) uint8 video.
 
         `on_step(step, total)` runs after every denoising step, once the step's GPU work is
         done; an exception raised there stops the generation (that is how a cancelled
         request gives the GPU back). `timings`, if given, gets the seconds of each phase:
-        image_encode, denoise, vae_decode.
+        image_encode, denoise, vae_decode. `decode=False` stops after the denoising loop
+        and returns None (warming up).
         """
         height, width = image.shape[:2]
         generator = torch.Generator(self.device).manual_seed(settings.seed)
@@ -197,13 +198,24 @@ class VideoGenerator:
                 motion_bucket_id=settings.motion_bucket_id,
                 noise_aug_strength=settings.noise_aug_strength,
                 decode_chunk_size=settings.decode_chunk_size, generator=generator,
-                output_type="pt", callback_on_step_end=step_end,
+                output_type="pt" if decode else "latent", callback_on_step_end=step_end,
             ).frames[0]
-        video = to_uint8(frames)
+        video = to_uint8(frames) if decode else None
         if timings is not None:
             timings.update(self.phases.times)
             timings["denoise"] = time.perf_counter() - start - sum(self.phases.times.values())
         return video
+
+    def warm_up(self, num_frames: int, height: int, width: int) -> None:
+        """Compile (or load from the compile cache) the kernels for this shape: one
+        denoising step with guidance, as a request runs it. The VAE is decoded only when
+        it is compiled too; otherwise there is nothing in it to warm."""
+        settings = GenerationSettings(
+            num_frames=num_frames, num_inference_steps=1, min_guidance_scale=1.0,
+            max_guidance_scale=2.0, fps=7, motion_bucket_id=127, noise_aug_strength=0.02,
+            decode_chunk_size=1, seed=0)
+        self.generate(np.zeros((height, width, 3), np.uint8), settings,
+                      decode=self.speedups.compile_vae)
 
     def _attention_backends(self) -> contextlib.AbstractContextManager:
         if not (self.speedups.cudnn_attention and self.device.type == "cuda"):

@@ -62,10 +62,18 @@ MAX_INTERPOLATED_FPS = 60
 _MIN_INTERPOLATED_SIDE = 32
 
 
-def encode_video(frames: np.ndarray, fps: int, fmt: str = "mp4", *, crf: int = 17) -> bytes:
+# libx264's speed presets, fastest first. The server's default is veryfast: on 25 frames of
+# 1024x576 it encodes about 1.7x faster than medium at the same crf, with a file of about
+# the same size and 0.5 dB less PSNR (measured on 2 CPU cores).
+X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow",
+                "slower", "veryslow")
+
+
+def encode_video(frames: np.ndarray, fps: int, fmt: str = "mp4", *, crf: int = 17,
+                 preset: str = "veryfast") -> bytes:
     """(F, H, W, 3) uint8 RGB frames → bytes of `fmt` (a key of FORMATS), playing at `fps`.
 
-    - mp4: H.264 (libx264, preset medium), yuv420p tagged BT.709, +faststart; an odd side
+    - mp4: H.264 (libx264 at `preset`, one of X264_PRESETS), yuv420p tagged BT.709, +faststart; an odd side
       gets one more row or column (see encode_mp4).
     - webm: VP9 (libvpx-vp9) in constant-quality mode, yuv420p tagged BT.709, any size.
     - gif: one 256-colour palette made for the whole clip (palettegen), ordered (Bayer)
@@ -87,7 +95,7 @@ def encode_video(frames: np.ndarray, fps: int, fmt: str = "mp4", *, crf: int = 1
     ):
         raise ValueError(f"crf for {fmt} must be an integer 0-{spec.max_crf}, got {crf!r}")
     if fmt == "mp4":
-        return encode_mp4(frames, fps, crf=crf)
+        return encode_mp4(frames, fps, crf=crf, preset=preset)
     if fmt == "webm":
         # b=0 makes crf the only target (constant quality). deadline=good with cpu-used=5 is
         # the fast end of libvpx's good-quality mode: half the time of cpu-used=4 here, at
@@ -110,14 +118,17 @@ def encode_video(frames: np.ndarray, fps: int, fmt: str = "mp4", *, crf: int = 1
 
 
 def encode_mp4(
-    frames: np.ndarray, fps: int, *, crf: int = 17, preset: str = "medium"
+    frames: np.ndarray, fps: int, *, crf: int = 17, preset: str = "veryfast"
 ) -> bytes:
     """(F, H, W, 3) uint8 RGB frames → MP4 bytes: H.264 (libx264), yuv420p, +faststart, fps as given.
 
     yuv420p needs even sides, so an odd height or width gets one more row or column,
     a copy of the edge. `crf` and `preset` are libx264's (lower crf: better, bigger).
-    Raises ValueError for anything but a non-empty (F, H, W, 3) uint8 array or for fps < 1.
+    Raises ValueError for anything but a non-empty (F, H, W, 3) uint8 array, for fps < 1
+    or for a preset not in X264_PRESETS.
     """
+    if preset not in X264_PRESETS:
+        raise ValueError(f"preset must be one of {', '.join(X264_PRESETS)}, got {preset!r}")
     frames = _checked_frames(frames)
     fps = _checked_fps(fps)
     _, h, w, _ = frames.shape

@@ -15,7 +15,8 @@ def test_bench_runs_on_cpu_with_demo_model(tmp_path):
     docs = tmp_path / "BENCHMARKS.md"
     result = subprocess.run(
         [sys.executable, "-m", "bentosvd.bench", "--model", "demo", "--repeats", "1",
-         "--server", "--server-starts", "cold_cache", "--out", str(out), "--docs", str(docs)],
+         "--server", "--server-starts", "cold_cache", "--server-burst", "2", "--profile", "fast",
+         "--out", str(out), "--docs", str(docs)],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -29,3 +30,9 @@ def test_bench_runs_on_cpu_with_demo_model(tmp_path):
     # The server says where each request's time went (Server-Timing header).
     assert {"queue_wait", "denoise", "vae_decode", "video_encode"} <= set(server["server_timing"][0])
     assert "| (a) vanilla diffusers |" in docs.read_text()
+    # One step profiled (on the CPU: the eager demo): its kernels add up to its time.
+    profile = eager["profile"]
+    assert 0 < profile["kernel_s"] and sum(profile["by_kind_s"].values()) > 0
+    assert {"convolution", "matmul", "attention"} <= set(profile["by_kind_s"])
+    # Two requests at once, both answered with a video.
+    assert server["burst"]["requests"] == 2 and len(server["burst"]["latencies_s"]) == 2

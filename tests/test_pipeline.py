@@ -30,6 +30,19 @@ def test_generate_reports_each_step_and_the_time_of_each_phase(generator):
     assert all(t > 0 for t in timings.values())
 
 
+def test_warm_up_runs_one_step_and_skips_the_uncompiled_decoder(generator):
+    calls = []
+    unet_forward = generator.pipe.unet.forward
+    generator.pipe.unet.forward = lambda *a, **k: calls.append(a[0].shape) or unet_forward(*a, **k)
+    try:
+        generator.warm_up(4, 144, 256)
+    finally:
+        del generator.pipe.unet.forward
+    # One step with guidance: the conditional and unconditional halves in one batch.
+    assert calls == [(2, 4, 8, 18, 32)]
+    assert generator.phases.times["vae_decode"] == 0
+
+
 def test_an_exception_from_on_step_stops_the_generation(generator):
     class Stop(Exception):
         pass

@@ -1,0 +1,153 @@
+"""The GPU side of a worker without BentoML: load the pipeline, warm it up, run one
+generation at a time with its stop checks and fault handling, encode the video.
+
+`worker.py` wraps an `Engine` in a BentoML service. It imports this module only inside the
+worker process: `bentoml serve` and the API service import worker.py too, and torch plus
+diffusers would add seconds to every start of theirs (a restart is timed to /readyz).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bentosvd.pipeline import GenerationSettings, Speedups, VideoGenerator
+from bentosvd.video import boomerang, encode_video, interpolate
+
+logger = logging.getLogger("bentoml.svd")
+
+
+class Stopped(Exception):
+    """Raised between denoising steps to stop a generation nobody is waiting for."""
+
+
+def speedups_for(settings, device: str) -> Speedups:
+    on_gpu = device.startswith("cuda")
+    if settings.low_memory:
+        return Speedups(low_memory=True)
+    if settings.fast_path if settings.fast_path is not None else on_gpu:
+        # Set before torch.compile first reads it: a restart reuses the compiled kernels.
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.expanduser(settings.compile_cache_dir))
+        return replace(Speedups.fast(), fp8=settings.fp8)
+    return Speedups(fp8=settings.fp8)
+
+
+def pick_device(settings, index: int) -> str:
+    """Worker `index`'s device. BentoML gives each worker service a GPU of its own (it sets
+    CUDA_VISIBLE_DEVICES); with BENTOML_DISABLE_GPU_ALLOCATION each sees all and takes its own."""
+    if settings.device != "auto":
+        return settings.device
+    if not torch.cuda.is_available():
+        return "cpu"
+    return f"cuda:{index % torch.cuda.device_count()}"
+
+
+def encode_output(frames: np.ndarray, output: dict, *, crf: int, preset: str) -> bytes:
+    """Frames → the bytes of output["format"] at output["fps"], first interpolated to
+    output["interpolate_fps"] and played as a boomerang if asked."""
+    fps = output["fps"]
+    if output.get("interpolate_fps"):
+        frames, fps = interpolate(frames, fps, output["interpolate_fps"]), output["interpolate_fps"]
+    if output.get("boomerang"):
+        frames = boomerang(frames)
+    return encode_video(frames, fps, output["format"], crf=crf, preset=preset)
+
+
+class Engine:
+    """One SVD pipeline on one device. `run` is called from worker threads; a lock keeps
+    it to one generation at a time (the pipeline is not thread-safe, and one GPU runs one
+    generation well)."""
+
+    def __init__(self, settings, variant, name: str, pipeline_dir: Path,
+                 image_encoder_dir: Path, index: int = 0, busy_gauge=None):
+        self.settings, self.variant = settings, variant
+        device = pick_device(settings, index)
+        speedups = speedups_for(settings, device)
+        self.on_gpu = device.startswith("cuda")
+        self.generator = VideoGenerator.load(pipeline_dir, image_encoder_dir, device=device,
+                                             dtype=settings.dtype, speedups=speedups)
+        logger.info("loaded %s (%s) on %s with %s", name, variant.description, device, speedups)
+        if speedups.compile_unet:
+            # Compile now so /readyz turns 200 only once a request will not stall for minutes;
+            # other shapes (num_frames, orientation) then run eagerly instead of compiling.
+            shapes = set()
+            for orientation in settings.warmup:
+                w, h = (variant.width, variant.height)[:: 1 if orientation == "landscape" else -1]
+                started = time.perf_counter()
+                self.generator.warm_up(variant.num_frames, h, w)
+                shapes.add((variant.num_frames, h, w))
+                logger.info("warmed up %s (%dx%d) in %.1f s", orientation, w, h,
+                            time.perf_counter() - started)
+            self.generator.compiled_shapes = shapes
+        self.lock = threading.Lock()
+        self.busy_gauge = busy_gauge
+        self.faults_in_a_row = 0
+        self.injected_faults = settings.inject_faults
+
+    @property
+    def alive(self) -> bool:
+        return self.faults_in_a_row < self.settings.max_faults_in_a_row
+
+    def run(self, image: np.ndarray, job: dict, deadline: float,
+            caller_gone: threading.Event, report) -> dict:
+        """Generate the frames of `job` (`GenerationSettings`' fields). `report(**event)` gets {"event": "started"} once the GPU
+        is this request's and {"event": "step", ...} after each step. Returns
+        {"event": "done", "frames", "timings", "gpu_peak_bytes"} or an error event
+        {"event": "error", "kind": "timeout" | "gpu_oom", "message"}."""
+        def check(step: int = 0, total: int = 0) -> None:
+            if caller_gone.is_set():
+                raise Stopped(f"the caller disconnected (step {step}/{total})")
+            if time.time() > deadline:
+                raise Stopped(f"the deadline passed (step {step}/{total})")
+            if self.injected_faults > 0:  # tests: a GPU fault in the middle of a generation
+                self.injected_faults -= 1
+                raise torch.cuda.OutOfMemoryError("injected CUDA out of memory")
+            if step:
+                report(event="step", step=step, total=total)
+
+        arrived = time.perf_counter()
+        with self.lock:
+            timings = {"gpu_wait": time.perf_counter() - arrived}
+            try:
+                check()  # the caller may have left while this request waited for the GPU
+                report(event="started")
+                if self.busy_gauge is not None:
+                    self.busy_gauge.inc()
+                if self.on_gpu:
+                    torch.cuda.reset_peak_memory_stats(self.generator.device)
+                try:
+                    frames = self.generator.generate(image, GenerationSettings(**job),
+                                                     on_step=check, timings=timings)
+                finally:
+                    if self.busy_gauge is not None:
+                        self.busy_gauge.dec()
+            except Stopped as e:
+                logger.info("generation stopped: %s", e)
+                return {"event": "error", "kind": "timeout", "message": f"generation stopped: {e}"}
+            except torch.cuda.OutOfMemoryError as e:
+                self.faults_in_a_row += 1
+                self._free_gpu_memory()
+                logger.error("GPU out of memory (%d in a row): %s", self.faults_in_a_row, e)
+                return {"event": "error", "kind": "gpu_oom", "message": str(e)[:500]}
+        self.faults_in_a_row = 0
+        peak = torch.cuda.max_memory_allocated(self.generator.device) if self.on_gpu else None
+        return {"event": "done", "frames": frames, "timings": timings, "gpu_peak_bytes": peak}
+
+    def encode(self, frames: np.ndarray, output: dict) -> bytes:
+        return encode_output(frames, output, crf=self.settings.video_crf,
+                             preset=self.settings.video_preset)
+
+    def _free_gpu_memory(self) -> None:
+        # The failed step's tensors are garbage once its frames are gone; hand their
+        # blocks back to the driver so the next request starts from a clean pool.
+        gc.collect()
+        if self.on_gpu:
+            torch.cuda.empty_cache()

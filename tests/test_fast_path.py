@@ -1,0 +1,50 @@
+"""The fast path (torch.compile of the UNet, the default on CUDA) end to end, on the CPU.
+
+This machine has no GPU, so the compiled kernels here are Inductor's CPU ones; what is
+tested is the service's handling: /readyz waits for the warm-up, a warmed shape runs
+without compiling again, a shape that was not warmed runs eagerly instead of compiling
+inside the request. GPU speed is the benchmark's business (docs/BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+
+from tests.conftest import make_image
+from tests.test_service import DEMO, assert_video, post
+
+
+def test_readyz_waits_for_the_warm_up_and_requests_do_not_compile(start_server, tmp_path,
+                                                                    test_image):
+    server = start_server(
+        wait=False, FAST_PATH="true", WARMUP='["landscape"]',
+        COMPILE_CACHE_DIR=str(tmp_path / "inductor"),
+        # torch logs every recompilation of a compiled function under this setting.
+        TORCH_LOGS="recompiles")
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        assert server.proc.poll() is None, server.log_text()
+        try:
+            ready = httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            ready = False
+        if ready:
+            break
+        time.sleep(0.5)
+    log = server.log.read_text(errors="replace")
+    assert "warmed up landscape (256x144)" in log, server.log_text()
+    assert "compile_unet=True" in log
+
+    landscape = post(server, test_image, {"seed": 1})
+    assert landscape.status_code == 200, landscape.text
+    assert_video(landscape.content, frames=DEMO.num_frames, fps=7, size=(DEMO.width, DEMO.height))
+    portrait = post(server, make_image(tmp_path / "tall.png", size=(300, 600)), {"seed": 1})
+    assert portrait.status_code == 200, portrait.text
+    assert_video(portrait.content, frames=DEMO.num_frames, fps=7, size=(DEMO.height, DEMO.width))
+    # Fewer frames than warmed: another shape, also run eagerly.
+    short = post(server, test_image, {"seed": 1, "num_frames": 4, "decoding_t": 2})
+    assert short.status_code == 200, short.text
+    assert_video(short.content, frames=4, fps=7, size=(DEMO.width, DEMO.height))
+    assert "Recompiling" not in server.log.read_text(errors="replace"), server.log_text()
