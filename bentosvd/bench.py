@@ -44,6 +44,8 @@ MODES = {
     "low_memory": Speedups(low_memory=True),
     "fp8": replace(Speedups.fast(), fp8=True),
     "fast_vae": replace(Speedups.fast(), compile_vae=True),
+    "fast_cudagraphs": replace(Speedups.fast(), cuda_graphs=True),
+    "fp8_eager": Speedups(fp8=True),
     "eager": Speedups(),
     "eager_cl_cudnn": Speedups(channels_last=True, cudnn_attention=True),
 }
@@ -116,10 +118,10 @@ def measure(gen, image, settings, repeats: int) -> dict:
 # kernel names on Hopper, Triton's from Inductor; CPU op names for the CPU run).
 KERNEL_KINDS = [
     ("attention", ("flash", "fmha", "attention", "sdpa")),
-    ("convolution", ("conv", "fprop", "dgrad", "wgrad", "cudnn")),
+    ("fused pointwise/reduction (Triton)", ("triton_poi", "triton_per", "triton_red")),
+    ("convolution", ("conv", "fprop", "dgrad", "wgrad", "cudnn", "nchwtonhwc", "nhwctonchw")),
     ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "addmm", "aten::mm", "aten::bmm", "triton_tem")),
     ("norm", ("norm",)),
-    ("fused pointwise/reduction (Triton)", ("triton_",)),
     ("copy", ("memcpy", "memset", "copy", "aten::cat")),
 ]
 

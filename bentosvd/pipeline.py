@@ -86,6 +86,9 @@ class Speedups:
     cudnn_attention: prefer cuDNN's fused attention (fastest on Hopper), then FlashAttention.
     compile_unet / compile_vae: torch.compile; the first call per shape compiles (minutes
         cold, much less with a warm TORCHINDUCTOR_CACHE_DIR).
+    cuda_graphs: the compiled UNet replays each step as CUDA graphs (Inductor's
+        "reduce-overhead"), so the CPU no longer launches its kernels one by one. Graphs
+        belong to the thread that recorded them: run every generation from one thread.
     low_memory: keep each model on the GPU only while it runs and run the UNet's
         feed-forward layers one frame at a time: slower, for GPUs with 8 GiB.
     fp8: the UNet's attention and feed-forward matmuls in FP8 (torchao, dynamic scales;
@@ -99,6 +102,7 @@ class Speedups:
     compile_vae: bool = False
     low_memory: bool = False
     fp8: bool = False
+    cuda_graphs: bool = False
 
     @classmethod
     def fast(cls) -> Speedups:
@@ -142,7 +146,7 @@ class VideoGenerator:
         # dynamic=False: each image orientation gets kernels of its own fixed shape; letting
         # the second shape turn the graph dynamic gives slower kernels to both.
         if speedups.compile_unet:
-            unet.compile(dynamic=False)
+            unet.compile(dynamic=False, mode="reduce-overhead" if speedups.cuda_graphs else None)
         if speedups.compile_vae:
             vae.decoder.compile(dynamic=False)
         if speedups.low_memory and device.type == "cuda":
