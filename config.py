@@ -130,8 +130,8 @@ class Settings(BaseSettings):
     )
     warmup: list[Literal["landscape", "portrait"]] = Field(
         ["landscape", "portrait"],
-        description="Shapes compiled before /readyz turns 200 (with the fast path); a shape "
-        "left out compiles on its first request.",
+        description="Shapes compiled before /readyz turns 200 (with the fast path); a request "
+        "of a shape left out runs the UNet eagerly instead of compiling inside the request.",
     )
     compile_cache_dir: str = Field(
         "~/.cache/bentosvd/inductor",

@@ -40,11 +40,13 @@ from bentosvd.video import encode_mp4
 ROOT = Path(__file__).resolve().parent.parent
 # The pipeline modes the benchmark can time on a GPU (--modes), in the default order.
 MODES = {
-    "fast": Speedups.fast(),  # the default on CUDA: compiled UNet
+    "fast": Speedups.fast(),  # the default on CUDA: torch.compile of the UNet
     "low_memory": Speedups(low_memory=True),
     "fp8": replace(Speedups.fast(), fp8=True),
     "fast_vae": replace(Speedups.fast(), compile_vae=True),
     "fast_cudagraphs": replace(Speedups.fast(), cuda_graphs=True),
+    "aot": Speedups(aot_unet=True),  # AOTInductor packages (bentosvd/aot.py)
+    "aot_cudagraphs": Speedups(aot_unet=True, cuda_graphs=True),
     "fp8_eager": Speedups(fp8=True),
     "eager": Speedups(),
     "eager_cl_cudnn": Speedups(channels_last=True, cudnn_attention=True),
@@ -239,7 +241,7 @@ def bench_pipeline(args, device, dtype, save=lambda r: None) -> dict:
             mode_parts = dict(parts)
             if speedups.fp8:  # quantizing is in place: keep the shared fp16 UNet intact
                 mode_parts["unet"] = copy.deepcopy(parts["unet"])
-            gen = VideoGenerator(mode_parts, device, speedups)
+            gen = VideoGenerator(mode_parts, device, speedups, aot_cache())
             r = measure(gen, image, settings, args.repeats)
         except Exception as e:  # one failing mode must not lose the others' numbers
             result["modes"][name] = {"error": repr(e)}
@@ -267,8 +269,14 @@ def bench_pipeline(args, device, dtype, save=lambda r: None) -> dict:
     return result
 
 
+def aot_cache() -> Path:
+    """The ahead-of-time compiled packages: inside Inductor's cache, as the server keeps them."""
+    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) / "aot"
+
+
 def undo(gen: VideoGenerator, parts: dict, speedups: Speedups, device) -> None:
     """Give the next mode the plain parts back (compiled wrappers, offload hooks removed)."""
+    parts["unet"].__dict__.pop("forward", None)  # the AOT dispatcher's
     if speedups.low_memory:
         gen.pipe.remove_all_hooks()
         for m in parts["unet"].modules():  # forward chunking off again
@@ -407,7 +415,7 @@ def bench_server(args, save=lambda r: None) -> dict:
 
     work = Path(tempfile.mkdtemp(prefix="bentosvd-bench-"))
     env = {**os.environ, "BENTOML_HOME": str(work / "home"), "BENTOML_DO_NOT_TRACK": "true",
-           "TORCHINDUCTOR_CACHE_DIR": os.environ.get("TORCHINDUCTOR_CACHE_DIR", str(work / "inductor")),
+           "COMPILE_CACHE_DIR": os.environ["TORCHINDUCTOR_CACHE_DIR"],
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
            "WARMUP": json.dumps(args.server_warmup)}
     variant = "demo" if args.model == "demo" else args.variant
@@ -561,6 +569,8 @@ def main(argv=None) -> int:
     args.width = args.width or (256 if demo else 1024)
     args.decoding_t = min(args.decoding_t, args.frames)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
+    # One compile cache for the pipeline modes and the server: a fresh one unless given.
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="bentosvd-inductor-"))
 
     result = {"environment": environment(device), "model": args.model}
     if not args.server_only:

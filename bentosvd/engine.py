@@ -34,8 +34,10 @@ def speedups_for(settings, device: str) -> Speedups:
     if settings.low_memory:
         return Speedups(low_memory=True)
     if settings.fast_path if settings.fast_path is not None else on_gpu:
-        # Set before torch.compile first reads it: a restart reuses the compiled kernels.
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.expanduser(settings.compile_cache_dir))
+        # Where compiled kernels are kept across restarts, set before torch first reads it.
+        # The setting wins over a TORCHINDUCTOR_CACHE_DIR inherited from elsewhere (torch
+        # sets one in its own process environment when it first needs it).
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.expanduser(settings.compile_cache_dir)
         return replace(Speedups.fast(), fp8=settings.fp8)
     return Speedups(fp8=settings.fp8)
 

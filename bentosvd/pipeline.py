@@ -23,6 +23,8 @@ from PIL import Image
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
+from bentosvd.aot import AotUNet
+
 # Folders inside the variant's model directory; the image encoder has a model of its own.
 PIPELINE_PARTS = ("unet", "vae", "scheduler", "feature_extractor")
 
@@ -86,9 +88,13 @@ class Speedups:
     cudnn_attention: prefer cuDNN's fused attention (fastest on Hopper), then FlashAttention.
     compile_unet / compile_vae: torch.compile; the first call per shape compiles (minutes
         cold, much less with a warm TORCHINDUCTOR_CACHE_DIR).
-    cuda_graphs: the compiled UNet replays each step as CUDA graphs (Inductor's
-        "reduce-overhead"), so the CPU no longer launches its kernels one by one. Graphs
-        belong to the thread that recorded them: run every generation from one thread.
+    aot_unet: the UNet compiled ahead of time (AOTInductor, `bentosvd.aot`): one package per
+        shape, compiled on its first call (minutes) into `cache_dir` and loaded from there
+        in seconds by every later process (not on CUDA under torch 2.11: loading crashed).
+    cuda_graphs: the compiled UNet replays each step as a CUDA graph, so the CPU no longer
+        launches its kernels one by one. With aot_unet the graph is recorded by hand; with
+        compile_unet it is Inductor's "reduce-overhead", whose graphs belong to the thread
+        that recorded them.
     low_memory: keep each model on the GPU only while it runs and run the UNet's
         feed-forward layers one frame at a time: slower, for GPUs with 8 GiB.
     fp8: the UNet's attention and feed-forward matmuls in FP8 (torchao, dynamic scales;
@@ -103,12 +109,15 @@ class Speedups:
     low_memory: bool = False
     fp8: bool = False
     cuda_graphs: bool = False
+    aot_unet: bool = False
 
     @classmethod
     def fast(cls) -> Speedups:
         # Measured on an H100 (docs/BENCHMARKS.md): channels_last + cuDNN attention made
         # eager fp16 10% slower and gave a compiled UNet nothing (331 vs 332 TFLOP/s), so
-        # the default fast path is the compiled UNet alone.
+        # the default fast path is the compiled UNet alone. CUDA graphs gave it nothing
+        # (14.05 vs 14.06 s on an H200: launches are not its bottleneck), and the ahead-of-time
+        # compiled UNet could not be loaded on CUDA there (docs/BENCHMARKS.md).
         return cls(compile_unet=True)
 
 
@@ -130,7 +139,8 @@ class GenerationSettings:
 class VideoGenerator:
     """One loaded SVD pipeline; `generate` runs one request at a time."""
 
-    def __init__(self, parts: dict, device: torch.device, speedups: Speedups = Speedups()):
+    def __init__(self, parts: dict, device: torch.device, speedups: Speedups = Speedups(),
+                 cache_dir: Path | None = None):
         self.device = device
         self.speedups = speedups
         self.pipe = StableVideoDiffusionPipeline(**parts)
@@ -147,6 +157,11 @@ class VideoGenerator:
         # the second shape turn the graph dynamic gives slower kernels to both.
         if speedups.compile_unet:
             unet.compile(dynamic=False, mode="reduce-overhead" if speedups.cuda_graphs else None)
+        self.aot = None
+        if speedups.aot_unet:
+            if cache_dir is None:
+                raise ValueError("aot_unet needs a cache_dir for its compiled packages")
+            self.aot = AotUNet(unet, cache_dir, cuda_graphs=speedups.cuda_graphs)
         if speedups.compile_vae:
             vae.decoder.compile(dynamic=False)
         if speedups.low_memory and device.type == "cuda":
@@ -161,12 +176,13 @@ class VideoGenerator:
 
     @classmethod
     def load(cls, pipeline_dir: Path, image_encoder_dir: Path, device: str = "auto",
-             dtype: str = "auto", speedups: Speedups = Speedups()) -> VideoGenerator:
+             dtype: str = "auto", speedups: Speedups = Speedups(),
+             cache_dir: Path | None = None) -> VideoGenerator:
         dev = resolve_device(device)
         # Offloading keeps the weights on the CPU between uses.
         load_on = torch.device("cpu") if speedups.low_memory else dev
         parts = load_parts(pipeline_dir, image_encoder_dir, load_on, resolve_dtype(dtype, dev))
-        return cls(parts, dev, speedups)
+        return cls(parts, dev, speedups, cache_dir)
 
     def generate(self, image: np.ndarray, settings: GenerationSettings,
                  on_step: Callable[[int, int], None] | None = None,
@@ -193,6 +209,8 @@ class VideoGenerator:
         shape = (settings.num_frames, height, width)
         stance = ("force_eager" if self.compiled_shapes is not None and shape not in self.compiled_shapes
                   else "default")
+        if self.aot is not None:
+            self.aot.build_new = self.compiled_shapes is None
         with self._attention_backends(), torch.compiler.set_stance(stance):
             frames = self.pipe(
                 Image.fromarray(image), height=height, width=width,
