@@ -24,6 +24,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
 from bentosvd.aot import AotUNet
+from bentosvd.generation import GenerationSettings  # noqa: F401  (re-exported)
 
 # Folders inside the variant's model directory; the image encoder has a model of its own.
 PIPELINE_PARTS = ("unet", "vae", "scheduler", "feature_extractor")
@@ -119,21 +120,6 @@ class Speedups:
         # (14.05 vs 14.06 s on an H200: launches are not its bottleneck), and the ahead-of-time
         # compiled UNet could not be loaded on CUDA there (docs/BENCHMARKS.md).
         return cls(compile_unet=True)
-
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    """Everything that decides a video besides the image. Field names are diffusers'."""
-
-    num_frames: int
-    num_inference_steps: int
-    min_guidance_scale: float
-    max_guidance_scale: float
-    fps: int  # the conditioning value diffusers takes: it subtracts 1 again internally
-    motion_bucket_id: int
-    noise_aug_strength: float
-    decode_chunk_size: int
-    seed: int
 
 
 class VideoGenerator:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import secrets
 
 from bentosvd.errors import InvalidParams
-from bentosvd.pipeline import GenerationSettings
+from bentosvd.generation import GenerationSettings
 from bentosvd.video import FORMATS
 from config import MAX_INTERPOLATED_FPS, MAX_SEED, Params, Variant
 
