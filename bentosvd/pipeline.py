@@ -112,6 +112,13 @@ class Speedups:
     cuda_graphs: bool = False
     aot_unet: bool = False
 
+    def __post_init__(self):
+        # The AOT package replaces the UNet's forward: torch.compile would trace through it,
+        # torchao's FP8 tensors do not export, and offloading moves the weights it holds.
+        clashes = [name for name in ("compile_unet", "fp8", "low_memory") if getattr(self, name)]
+        if self.aot_unet and clashes:
+            raise ValueError(f"aot_unet cannot be combined with {', '.join(clashes)}")
+
     @classmethod
     def fast(cls) -> Speedups:
         # Measured on an H100 (docs/BENCHMARKS.md): channels_last + cuDNN attention made

@@ -84,3 +84,9 @@ def test_a_damaged_package_is_compiled_again(tmp_path, cache, eager_frames, capl
     assert "compiled the UNet ahead of time" in caplog.text
     assert psnr(frames, eager_frames) >= PSNR_TOLERANCE_DB
     assert (damaged / name).stat().st_size > 1000
+
+
+def test_aot_refuses_the_modes_it_cannot_run_with():
+    for clash in ("compile_unet", "fp8", "low_memory"):
+        with pytest.raises(ValueError, match=clash):
+            Speedups(aot_unet=True, **{clash: True})
