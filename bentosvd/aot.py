@@ -85,16 +85,18 @@ class AotUNet:
         (eager) if compiling fails, so a broken compiler costs speed, not the service."""
         path = self.cache_dir / f"unet-{self._key_hash(key)}.pt2"
         try:
-            runner = self._load(path)
-            if runner is None:
-                runner = self._compile(path, inputs)
-            if self.cuda_graphs and inputs[0].device.type == "cuda":
-                runner = self._graphed(runner, inputs)
-            return runner
+            runner = self._load(path) or self._compile(path, inputs)
         except Exception:
             logger.exception("compiling the UNet ahead of time failed for %s; that shape runs "
                              "eagerly", [k[0] for k in key])
             return None
+        if self.cuda_graphs and inputs[0].device.type == "cuda":
+            try:
+                return self._graphed(runner, inputs)
+            except Exception:
+                logger.exception("recording the compiled UNet as a CUDA graph failed; it runs "
+                                 "without one")
+        return runner
 
     def _key_hash(self, key: tuple) -> str:
         device = key[0][2]
