@@ -30,9 +30,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import cached_property
 from pathlib import Path
 
 import torch
+from diffusers.models.unets.unet_spatio_temporal_condition import UNetSpatioTemporalConditionOutput
 
 logger = logging.getLogger("bentoml.svd")
 
@@ -72,11 +74,7 @@ class AotUNet:
             self.runners[key] = self._runner(inputs, key)
         runner = self.runners.get(key)
         out = runner(*inputs) if runner is not None else self.module(*inputs)
-        if return_dict:
-            from diffusers.models.unets.unet_spatio_temporal_condition import (
-                UNetSpatioTemporalConditionOutput)
-            return UNetSpatioTemporalConditionOutput(sample=out)
-        return (out,)
+        return UNetSpatioTemporalConditionOutput(sample=out) if return_dict else (out,)
 
     # -------------------------------------------------------------- packages on disk
 
@@ -85,7 +83,7 @@ class AotUNet:
         (eager) if compiling fails, so a broken compiler costs speed, not the service."""
         path = self.cache_dir / f"unet-{self._key_hash(key)}.pt2"
         try:
-            runner = self._load(path) or self._compile(path, inputs)
+            runner = self._load(path) or self._compile(path, inputs, key)
         except Exception:
             logger.exception("compiling the UNet ahead of time failed for %s; that shape runs "
                              "eagerly", [k[0] for k in key])
@@ -106,16 +104,17 @@ class AotUNet:
             "gpu": (torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device))
             if device.startswith("cuda") else None,
             "unet": type(self.unet).__name__, "config": dict(self.unet.config),
-            "dtype": str(self.unet.dtype), "inputs": key, "weights": self._weights_fingerprint(),
+            "dtype": str(self.unet.dtype), "inputs": key, "weights": self._weights_fingerprint,
         }
         return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
+    @cached_property
     def _weights_fingerprint(self) -> str:
         """Tells checkpoints of one architecture apart (svd_xt and svd_xt_1_1, say) so they
         keep packages of their own: the bytes of every small tensor (biases, norms, mixing
         factors; a few MiB), not the 3 GiB of the large ones."""
         digest = hashlib.sha256()
-        for name, tensor in sorted(self._state().items()):
+        for name, tensor in sorted(self._state.items()):
             if tensor.numel() <= 4096:
                 digest.update(name.encode())
                 digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
@@ -128,14 +127,16 @@ class AotUNet:
         started = time.perf_counter()
         try:
             runner = load_package(path)
-            self._hand_weights(runner, json.loads(meta_path.read_text()))
+            if json.loads(meta_path.read_text()).get("folded") != self._folded_digest(runner):
+                raise ValueError("it was compiled for other weights")
+            self._hand_weights(runner)
         except Exception as e:  # stale or partial: compile it again
             logger.warning("not using the compiled UNet %s: %s", path.name, e)
             return None
         logger.info("loaded the compiled UNet %s in %.1f s", path.name, time.perf_counter() - started)
         return runner
 
-    def _compile(self, path: Path, inputs: tuple):
+    def _compile(self, path: Path, inputs: tuple, key: tuple):
         started = time.perf_counter()
         logger.info("compiling the UNet ahead of time for %s (minutes; kept in %s)",
                     tuple(inputs[0].shape), self.cache_dir)
@@ -151,9 +152,8 @@ class AotUNet:
                 program, package_path=tmp,
                 inductor_configs={"aot_inductor.package_constants_in_so": False})
             runner = load_package(tmp)
-            meta = {"folded": self._folded_digest(runner), "inputs": [list(map(str, k)) for k in
-                    (tuple((tuple(x.shape), x.dtype, x.device) for x in inputs))]}
-            self._hand_weights(runner, meta)
+            meta = {"folded": self._folded_digest(runner), "inputs": key}
+            self._hand_weights(runner)
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
@@ -163,22 +163,20 @@ class AotUNet:
                     path.name)
         return runner
 
-    def _hand_weights(self, runner, meta: dict) -> None:
-        """Give the package the model's own weight tensors. A few small ones (time-mixing
-        factors, say) are folded into the package when it is compiled: the package is used
-        only if those are byte for byte the model's, else it belongs to other weights."""
-        if meta.get("folded") != self._folded_digest(runner):
-            raise ValueError("it was compiled for other weights")
-        state = self._state()
+    def _hand_weights(self, runner) -> None:
+        """Give the package the model's own weight tensors (no copy)."""
         wanted = runner.get_constant_fqns()
-        runner.load_constants({name: state[name] for name in wanted}, check_full_update=True,
-                              user_managed=True)
+        runner.load_constants({name: self._state[name] for name in wanted},
+                              check_full_update=True, user_managed=True)
 
+    @cached_property
     def _state(self) -> dict[str, torch.Tensor]:
         return {**dict(self.module.named_parameters()), **dict(self.module.named_buffers())}
 
     def _folded_digest(self, runner) -> str:
-        state, wanted = self._state(), set(runner.get_constant_fqns())
+        """A few small tensors (time-mixing factors, say) are folded into a package when it
+        is compiled: their bytes, so a package is used only with the weights it was made for."""
+        state, wanted = self._state, set(runner.get_constant_fqns())
         if wanted - set(state):
             raise ValueError(f"it needs tensors the model lacks: {sorted(wanted - set(state))[:3]}")
         digest = hashlib.sha256()

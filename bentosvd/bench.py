@@ -34,7 +34,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from bentosvd.components import build_demo, build_synthetic
-from bentosvd.pipeline import GenerationSettings, Speedups, VideoGenerator, sync
+from bentosvd.generation import GenerationSettings
+from bentosvd.pipeline import Speedups, VideoGenerator, sync
 from bentosvd.video import encode_mp4
 
 ROOT = Path(__file__).resolve().parent.parent

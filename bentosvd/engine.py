@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bentosvd.pipeline import GenerationSettings, Speedups, VideoGenerator
+from bentosvd.generation import GenerationSettings
+from bentosvd.pipeline import Speedups, VideoGenerator
 from bentosvd.video import boomerang, encode_video, interpolate
 
 logger = logging.getLogger("bentoml.svd")

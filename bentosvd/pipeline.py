@@ -24,7 +24,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
 from bentosvd.aot import AotUNet
-from bentosvd.generation import GenerationSettings  # noqa: F401  (re-exported)
+from bentosvd.generation import GenerationSettings
 
 # Folders inside the variant's model directory; the image encoder has a model of its own.
 PIPELINE_PARTS = ("unet", "vae", "scheduler", "feature_extractor")
