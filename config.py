@@ -10,7 +10,7 @@ from __future__ import annotations
 from functools import cache
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 VariantName = Literal["svd", "svd_xt", "svd_image_decoder", "svd_xt_image_decoder", "svd_xt_1_1", "demo"]
@@ -128,6 +128,11 @@ class Settings(BaseSettings):
         "compute capability 8.9+, with the fast path): faster, output deviates more than fp16 "
         "rounding (see docs/BENCHMARKS.md).",
     )
+    step_cache: int = Field(
+        0, ge=0, le=10, description="Step caching: run the whole UNet every N-th denoising step "
+        "and only its outermost level in between (N 2-10; 0: off). Faster, and the video "
+        "changes (see docs/BENCHMARKS.md).",
+    )
     warmup: list[Literal["landscape", "portrait"]] = Field(
         ["landscape", "portrait"],
         description="Shapes compiled before /readyz turns 200 (with the fast path); a request "
@@ -138,6 +143,14 @@ class Settings(BaseSettings):
         description="torch.compile's cache (TORCHINDUCTOR_CACHE_DIR); keep it on a volume so a "
         "restart does not compile again.",
     )
+
+    @field_validator("step_cache")
+    @classmethod
+    def _step_cache_interval(cls, value: int) -> int:
+        if value == 1:
+            raise ValueError("1 would run the whole UNet at every step: use 0 to turn step "
+                             "caching off, or 2-10")
+        return value
 
     @property
     def variant(self) -> Variant:

@@ -49,6 +49,10 @@ MODES = {
     "aot": Speedups(aot_unet=True),  # AOTInductor packages (bentosvd/aot.py)
     "aot_cudagraphs": Speedups(aot_unet=True, cuda_graphs=True),
     "fp8_eager": Speedups(fp8=True),
+    # Step caching (bentosvd/stepcache.py): changes the output, its PSNR is the deviation.
+    "step_cache2": replace(Speedups.fast(), step_cache=2),
+    "step_cache3": replace(Speedups.fast(), step_cache=3),
+    "fp8_step_cache3": replace(Speedups.fast(), fp8=True, step_cache=3),
     "eager": Speedups(),
     "eager_cl_cudnn": Speedups(channels_last=True, cudnn_attention=True),
 }
@@ -277,7 +281,7 @@ def aot_cache() -> Path:
 
 def undo(gen: VideoGenerator, parts: dict, speedups: Speedups, device) -> None:
     """Give the next mode the plain parts back (compiled wrappers, offload hooks removed)."""
-    parts["unet"].__dict__.pop("forward", None)  # the AOT dispatcher's
+    parts["unet"].__dict__.pop("forward", None)  # the AOT dispatcher's or the step cache's
     if speedups.low_memory:
         gen.pipe.remove_all_hooks()
         for m in parts["unet"].modules():  # forward chunking off again

@@ -25,6 +25,7 @@ from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
 from bentosvd.aot import AotUNet
 from bentosvd.generation import GenerationSettings
+from bentosvd.stepcache import StepCache
 
 # Folders inside the variant's model directory; the image encoder has a model of its own.
 PIPELINE_PARTS = ("unet", "vae", "scheduler", "feature_extractor")
@@ -101,6 +102,9 @@ class Speedups:
     fp8: the UNet's attention and feed-forward matmuls in FP8 (torchao, dynamic scales;
         NVIDIA compute capability 8.9+). Changes the output more than rounding
         does: opt-in, its deviation is measured by the benchmark.
+    step_cache: N >= 2 runs the whole UNet every N-th step and only its outermost level in
+        between, on the deep features kept from the last whole step (`bentosvd.stepcache`).
+        Changes the output: opt-in, its deviation is measured by the benchmark. 0: off.
     """
 
     channels_last: bool = False
@@ -111,11 +115,18 @@ class Speedups:
     fp8: bool = False
     cuda_graphs: bool = False
     aot_unet: bool = False
+    step_cache: int = 0
 
     def __post_init__(self):
+        if self.step_cache == 1 or self.step_cache < 0:
+            raise ValueError(f"step_cache must be 0 (off) or 2 or more, got {self.step_cache}")
+        if self.step_cache and self.cuda_graphs:
+            raise ValueError("step_cache cannot be combined with cuda_graphs")
         # The AOT package replaces the UNet's forward: torch.compile would trace through it,
-        # torchao's FP8 tensors do not export, and offloading moves the weights it holds.
-        clashes = [name for name in ("compile_unet", "fp8", "low_memory") if getattr(self, name)]
+        # torchao's FP8 tensors do not export, offloading moves the weights it holds, and
+        # the step cache replaces the same forward.
+        clashes = [name for name in ("compile_unet", "fp8", "low_memory", "step_cache")
+                   if getattr(self, name)]
         if self.aot_unet and clashes:
             raise ValueError(f"aot_unet cannot be combined with {', '.join(clashes)}")
 
@@ -148,7 +159,11 @@ class VideoGenerator:
             quantize_fp8(unet, device)
         # dynamic=False: each image orientation gets kernels of its own fixed shape; letting
         # the second shape turn the graph dynamic gives slower kernels to both.
-        if speedups.compile_unet:
+        self.step_cache = None
+        if speedups.step_cache:
+            # Compiles its two passes itself (the choice between them stays outside).
+            self.step_cache = StepCache(unet, speedups.step_cache, compile=speedups.compile_unet)
+        elif speedups.compile_unet:
             unet.compile(dynamic=False, mode="reduce-overhead" if speedups.cuda_graphs else None)
         self.aot = None
         if speedups.aot_unet:
@@ -204,7 +219,7 @@ class VideoGenerator:
                   else "default")
         if self.aot is not None:
             self.aot.build_new = self.compiled_shapes is None
-        with self._attention_backends(), torch.compiler.set_stance(stance):
+        with self._attention_backends(), torch.compiler.set_stance(stance), self._fresh_step_cache():
             frames = self.pipe(
                 Image.fromarray(image), height=height, width=width,
                 num_frames=settings.num_frames, num_inference_steps=settings.num_inference_steps,
@@ -223,14 +238,28 @@ class VideoGenerator:
 
     def warm_up(self, num_frames: int, height: int, width: int) -> None:
         """Compile (or load from the compile cache) the kernels for this shape: one
-        denoising step with guidance, as a request runs it. The VAE is decoded only when
-        it is compiled too; otherwise there is nothing in it to warm."""
+        denoising step with guidance, as a request runs it (two with the step cache: a
+        whole and a shallow one). The VAE is decoded only when it is compiled too;
+        otherwise there is nothing in it to warm."""
         settings = GenerationSettings(
-            num_frames=num_frames, num_inference_steps=1, min_guidance_scale=1.0,
+            num_frames=num_frames, num_inference_steps=2 if self.step_cache else 1,
+            min_guidance_scale=1.0,
             max_guidance_scale=2.0, fps=7, motion_bucket_id=127, noise_aug_strength=0.02,
             decode_chunk_size=1, seed=0)
         self.generate(np.zeros((height, width, 3), np.uint8), settings,
                       decode=self.speedups.compile_vae)
+
+    @contextlib.contextmanager
+    def _fresh_step_cache(self):
+        """A generation starts with nothing kept, and what it kept (hundreds of MB of
+        features at full size) is dropped when it ends, stopped or not."""
+        if self.step_cache is not None:
+            self.step_cache.reset()
+        try:
+            yield
+        finally:
+            if self.step_cache is not None:
+                self.step_cache.reset()
 
     def _attention_backends(self) -> contextlib.AbstractContextManager:
         if not (self.speedups.cudnn_attention and self.device.type == "cuda"):

@@ -1,0 +1,126 @@
+"""Step caching (bentosvd/stepcache.py) on the CPU with the demo parts.
+
+The split of the UNet into a whole and a shallow pass is checked against diffusers' own
+forward; a generation is checked to run the whole UNet only every N-th step, to change
+the video (it is opt-in for that reason) and to drop what it kept when it ends. How much
+it changes a full-size video and how much faster it is: the benchmark (GPU).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from bentosvd.components import build_demo
+from bentosvd.pipeline import GenerationSettings, Speedups, VideoGenerator
+from bentosvd.stepcache import StepCache
+from tests.test_service import DEMO, assert_video, post
+
+SETTINGS = GenerationSettings(num_frames=4, num_inference_steps=7, min_guidance_scale=1.0,
+                              max_guidance_scale=2.0, fps=7, motion_bucket_id=127,
+                              noise_aug_strength=0.02, decode_chunk_size=2, seed=0)
+IMAGE = np.random.default_rng(0).integers(0, 256, (144, 256, 3), dtype=np.uint8)
+
+
+def unet_inputs(frames=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(2, frames, 8, 18, 32, generator=g), torch.tensor(5.0),
+            torch.randn(2, 1, 32, generator=g), torch.randn(2, 3, generator=g))
+
+
+def test_the_whole_pass_is_diffusers_forward_and_the_shallow_pass_completes_it():
+    unet = build_demo(4)["unet"]
+    inputs = unet_inputs()
+    with torch.no_grad():
+        expected = unet(*inputs).sample
+        cache = StepCache(unet, 2)
+        whole, deep = cache._full(*inputs)
+        # On the feature its own whole pass kept, the shallow pass gives the same output:
+        # it computes exactly the part of the UNet the whole pass does not keep.
+        shallow = cache._shallow(*inputs, deep)
+        other = cache._shallow(*unet_inputs(seed=1)[:1], *inputs[1:], deep)
+    torch.testing.assert_close(whole, expected, rtol=0, atol=0)
+    torch.testing.assert_close(shallow, whole, rtol=0, atol=0)
+    assert not torch.allclose(other, whole)  # the shallow pass does use its own input
+
+
+@pytest.mark.parametrize("interval", [2, 3])
+def test_a_generation_runs_the_whole_unet_every_nth_step(interval):
+    gen = VideoGenerator(build_demo(4), torch.device("cpu"), Speedups(step_cache=interval))
+    passes = []
+    full, shallow = gen.step_cache.full, gen.step_cache.shallow
+    gen.step_cache.full = lambda *a: passes.append("whole") or full(*a)
+    gen.step_cache.shallow = lambda *a: passes.append("shallow") or shallow(*a)
+    frames = gen.generate(IMAGE, SETTINGS)
+    assert passes == ["whole" if i % interval == 0 else "shallow" for i in range(7)]
+    assert frames.shape == (4, 144, 256, 3) and frames.dtype == np.uint8
+    assert gen.step_cache.deep is None  # the kept feature is dropped with the generation
+    # A second generation starts over with a whole pass.
+    passes.clear()
+    gen.generate(IMAGE, SETTINGS)
+    assert passes[0] == "whole"
+
+
+def test_step_caching_changes_the_video_and_is_deterministic():
+    exact = VideoGenerator(build_demo(4), torch.device("cpu")).generate(IMAGE, SETTINGS)
+    cached = VideoGenerator(build_demo(4), torch.device("cpu"), Speedups(step_cache=3))
+    first, second = cached.generate(IMAGE, SETTINGS), cached.generate(IMAGE, SETTINGS)
+    np.testing.assert_array_equal(first, second)
+    assert not np.array_equal(first, exact)
+
+
+def test_a_stopped_generation_drops_the_kept_feature():
+    gen = VideoGenerator(build_demo(4), torch.device("cpu"), Speedups(step_cache=2))
+
+    def stop(step, total):
+        if step == 2:
+            raise RuntimeError("stop")
+
+    with pytest.raises(RuntimeError, match="stop"):
+        gen.generate(IMAGE, SETTINGS, on_step=stop)
+    assert gen.step_cache.deep is None
+
+
+def test_the_compiled_passes_match_the_eager_ones():
+    """With the fast path each pass is compiled on its own (Inductor's CPU kernels here);
+    the warm-up compiles both, and a request of the warmed shape compiles nothing more."""
+    torch._dynamo.reset()
+    eager = VideoGenerator(build_demo(4), torch.device("cpu"), Speedups(step_cache=2))
+    compiled = VideoGenerator(build_demo(4), torch.device("cpu"),
+                              Speedups(compile_unet=True, step_cache=2))
+    compiled.warm_up(4, 144, 256)
+    compiled.compiled_shapes = {(4, 144, 256)}
+    from torch._dynamo.utils import counters
+    frames_before = counters["stats"]["unique_graphs"]
+    got = compiled.generate(IMAGE, SETTINGS)
+    assert counters["stats"]["unique_graphs"] == frames_before  # nothing compiled in the request
+    expected = eager.generate(IMAGE, SETTINGS)
+    assert np.abs(got.astype(int) - expected.astype(int)).max() <= 2
+
+
+@pytest.mark.parametrize("speedups, message", [
+    (dict(step_cache=1), "step_cache must be 0"),
+    (dict(step_cache=2, aot_unet=True), "aot_unet cannot be combined with step_cache"),
+    (dict(step_cache=2, cuda_graphs=True), "step_cache cannot be combined with cuda_graphs"),
+])
+def test_settings_that_cannot_work_are_refused(speedups, message):
+    with pytest.raises(ValueError, match=message):
+        Speedups(**speedups)
+
+
+def test_the_server_serves_with_step_caching(start_server, test_image):
+    server = start_server(STEP_CACHE="2")
+    try:
+        response = post(server, test_image, {"seed": 3})
+        assert response.status_code == 200, response.text
+        assert_video(response.content, frames=DEMO.num_frames, fps=7, size=(DEMO.width, DEMO.height))
+        assert "step_cache=2" in server.log.read_text(errors="replace")
+    finally:
+        server.stop()
+
+
+def test_step_cache_1_is_refused_at_start_up(start_server):
+    server = start_server(wait=False, STEP_CACHE="1")
+    assert server.proc.wait(120) != 0
+    assert "use 0 to turn step caching off" in server.log_text()
