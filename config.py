@@ -120,6 +120,10 @@ class Settings(BaseSettings):
         None, description="torch.compile the UNet (compiled before /readyz turns 200); "
         "default: on with CUDA, off on the CPU.",
     )
+    compile_regions: bool = Field(
+        False, description="With the fast path, compile the UNet block by block instead of "
+        "as one graph: much less compiling at the first start and tracing at a restart.",
+    )
     low_memory: bool = Field(
         False, description="Model offload and chunked feed-forward: SVD-XT within 8 GiB, slower."
     )

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -45,6 +46,7 @@ MODES = {
     "low_memory": Speedups(low_memory=True),
     "fp8": replace(Speedups.fast(), fp8=True),
     "fast_vae": replace(Speedups.fast(), compile_vae=True),
+    "fast_regions": replace(Speedups.fast(), compile_regions=True),  # block by block
     "fast_cudagraphs": replace(Speedups.fast(), cuda_graphs=True),
     "aot": Speedups(aot_unet=True),  # AOTInductor packages (bentosvd/aot.py)
     "aot_cudagraphs": Speedups(aot_unet=True, cuda_graphs=True),
@@ -422,7 +424,7 @@ def bench_server(args, save=lambda r: None) -> dict:
     env = {**os.environ, "BENTOML_HOME": str(work / "home"), "BENTOML_DO_NOT_TRACK": "true",
            "COMPILE_CACHE_DIR": os.environ["TORCHINDUCTOR_CACHE_DIR"],
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-           "WARMUP": json.dumps(args.server_warmup)}
+           "WARMUP": json.dumps(args.server_warmup), **dict(args.server_env)}
     variant = "demo" if args.model == "demo" else args.variant
     cmd = [sys.executable, "import_model.py", "--variant", variant]
     if args.model == "synthetic":
@@ -461,7 +463,7 @@ def bench_server(args, save=lambda r: None) -> dict:
             result[start_kind] = {"ready_s": ready, "first_request_s": latencies[0],
                                   "latency_s": statistics.median(latencies[1:]),
                                   "all_s": latencies[1:], "server_timing": timings[1:],
-                                  "warmup": args.server_warmup}
+                                  "warmup": args.server_warmup, "env": dict(args.server_env)}
             if args.server_burst and start_kind == args.server_starts[0]:
                 result[start_kind]["burst"] = burst(url, buf.getvalue(), params, args.server_burst,
                                                     result[start_kind]["latency_s"])
@@ -478,6 +480,8 @@ def bench_server(args, save=lambda r: None) -> dict:
                 os.killpg(proc.pid, 9)
                 proc.wait()
             log.close()
+            # Kept beside the JSON: its timestamps show where a start spends its time.
+            shutil.copy(work / f"{start_kind}.log", args.out.with_name(f"{args.out.stem}-{start_kind}.log"))
             if proc.returncode not in (0, -15):
                 print((work / f"{start_kind}.log").read_text()[-3000:])
     return result
@@ -556,6 +560,9 @@ def main(argv=None) -> int:
                         "the pipeline benchmark filled, the first start already finds it warm")
     parser.add_argument("--server-warmup", nargs="+", default=["landscape", "portrait"],
                         choices=["landscape", "portrait"], help="the server's WARMUP shapes")
+    parser.add_argument("--server-env", nargs="+", default=[], metavar="NAME=VALUE",
+                        type=lambda kv: tuple(kv.split("=", 1)),
+                        help="settings for the benchmarked server, e.g. STEP_CACHE=3")
     parser.add_argument("--server-burst", type=int, default=0, metavar="N",
                         help="also send N requests at once and time them (encode/generate overlap)")
     parser.add_argument("--oom-check", action="store_true",

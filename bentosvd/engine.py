@@ -39,7 +39,8 @@ def speedups_for(settings, device: str) -> Speedups:
         # The setting wins over a TORCHINDUCTOR_CACHE_DIR inherited from elsewhere (torch
         # sets one in its own process environment when it first needs it).
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.expanduser(settings.compile_cache_dir)
-        return replace(Speedups.fast(), fp8=settings.fp8, step_cache=settings.step_cache)
+        return replace(Speedups.fast(), fp8=settings.fp8, step_cache=settings.step_cache,
+                       compile_regions=settings.compile_regions)
     return Speedups(fp8=settings.fp8, step_cache=settings.step_cache)
 
 
