@@ -121,7 +121,7 @@ class Settings(BaseSettings):
         "default: on with CUDA, off on the CPU.",
     )
     compile_regions: bool = Field(
-        False, description="With the fast path, compile the UNet block by block instead of "
+        True, description="With the fast path, compile the UNet block by block instead of "
         "as one graph: much less compiling at the first start and tracing at a restart.",
     )
     low_memory: bool = Field(

@@ -142,7 +142,7 @@ class Speedups:
         # the default fast path is the compiled UNet alone. CUDA graphs gave it nothing
         # (14.05 vs 14.06 s on an H200: launches are not its bottleneck), and the ahead-of-time
         # compiled UNet could not be loaded on CUDA there (docs/BENCHMARKS.md).
-        return cls(compile_unet=True)
+        return cls(compile_unet=True, compile_regions=True)
 
 
 # The UNet's repeated blocks, which do nearly all of its work.

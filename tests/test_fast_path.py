@@ -34,6 +34,7 @@ def test_readyz_waits_for_the_warm_up_and_requests_do_not_compile(start_server, 
             break
         time.sleep(0.5)
     log = server.log.read_text(errors="replace")
+    warm_up_log = len(log)  # compiling block by block recompiles per block shape, until here
     assert "warmed up landscape (256x144)" in log, server.log_text()
     assert "compile_unet=True" in log
 
@@ -47,7 +48,7 @@ def test_readyz_waits_for_the_warm_up_and_requests_do_not_compile(start_server, 
     short = post(server, test_image, {"seed": 1, "num_frames": 4, "decoding_t": 2})
     assert short.status_code == 200, short.text
     assert_video(short.content, frames=4, fps=7, size=(DEMO.width, DEMO.height))
-    assert "Recompiling" not in server.log.read_text(errors="replace"), server.log_text()
+    assert "Recompiling" not in server.log.read_text(errors="replace")[warm_up_log:], server.log_text()
 
 
 def test_compiling_block_by_block_covers_every_block_and_matches_eager():

@@ -82,13 +82,15 @@ def test_a_stopped_generation_drops_the_kept_feature():
     assert gen.step_cache.deep is None
 
 
-def test_the_compiled_passes_match_the_eager_ones():
-    """With the fast path each pass is compiled on its own (Inductor's CPU kernels here);
-    the warm-up compiles both, and a request of the warmed shape compiles nothing more."""
+@pytest.mark.parametrize("regions", [True, False], ids=["block_by_block", "whole_passes"])
+def test_the_compiled_passes_match_the_eager_ones(regions):
+    """With the fast path the blocks are compiled (the default), or else each pass as one
+    graph (Inductor's CPU kernels here); the warm-up compiles what both passes need, and a
+    request of the warmed shape compiles nothing more."""
     torch._dynamo.reset()
     eager = VideoGenerator(build_demo(4), torch.device("cpu"), Speedups(step_cache=2))
     compiled = VideoGenerator(build_demo(4), torch.device("cpu"),
-                              Speedups(compile_unet=True, step_cache=2))
+                              Speedups(compile_unet=True, compile_regions=regions, step_cache=2))
     compiled.warm_up(4, 144, 256)
     compiled.compiled_shapes = {(4, 144, 256)}
     from torch._dynamo.utils import counters
