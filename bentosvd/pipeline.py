@@ -269,9 +269,8 @@ class VideoGenerator:
         otherwise there is nothing in it to warm."""
         settings = GenerationSettings(
             num_frames=num_frames, num_inference_steps=2 if self.step_cache else 1,
-            min_guidance_scale=1.0,
-            max_guidance_scale=2.0, fps=7, motion_bucket_id=127, noise_aug_strength=0.02,
-            decode_chunk_size=1, seed=0)
+            min_guidance_scale=1.0, max_guidance_scale=2.0, fps=7, motion_bucket_id=127,
+            noise_aug_strength=0.02, decode_chunk_size=1, seed=0)
         self.generate(np.zeros((height, width, 3), np.uint8), settings,
                       decode=self.speedups.compile_vae)
 

@@ -36,7 +36,7 @@ class StepCache:
         self.calls, self.deep = 0, None
 
     def __call__(self, sample, timestep, encoder_hidden_states, added_time_ids, return_dict=True):
-        if self.deep is None or self.calls % self.interval == 0 or self.deep.shape[0] != sample.shape[0] * sample.shape[1]:
+        if self.deep is None or self.calls % self.interval == 0:
             out, self.deep = self.full(sample, timestep, encoder_hidden_states, added_time_ids)
         else:
             out = self.shallow(sample, timestep, encoder_hidden_states, added_time_ids, self.deep)
