@@ -16,6 +16,7 @@ def test_bench_runs_on_cpu_with_demo_model(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "bentosvd.bench", "--model", "demo", "--repeats", "1",
          "--server", "--server-starts", "cold_cache", "--server-burst", "2", "--profile", "fast",
+         "--server-env", "STEP_CACHE=2",
          "--out", str(out), "--docs", str(docs)],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
@@ -27,6 +28,9 @@ def test_bench_runs_on_cpu_with_demo_model(tmp_path):
     assert report["pipeline"]["vanilla"]["seconds"] > 0
     server = report["server"]["cold_cache"]
     assert server["ready_s"] > 0
+    # --server-env reached the server, and its log is kept beside the JSON.
+    assert server["env"] == {"STEP_CACHE": "2"}
+    assert "step_cache=2" in (tmp_path / "bench-cold_cache.log").read_text(errors="replace")
     # The server says where each request's time went (Server-Timing header).
     assert {"queue_wait", "denoise", "vae_decode", "video_encode"} <= set(server["server_timing"][0])
     assert "| (a) vanilla diffusers |" in docs.read_text()
