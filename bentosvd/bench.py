@@ -421,10 +421,11 @@ def bench_server(args, save=lambda r: None) -> dict:
     import io
 
     work = Path(tempfile.mkdtemp(prefix="bentosvd-bench-"))
+    server_env = dict(args.server_env)
     env = {**os.environ, "BENTOML_HOME": str(work / "home"), "BENTOML_DO_NOT_TRACK": "true",
            "COMPILE_CACHE_DIR": os.environ["TORCHINDUCTOR_CACHE_DIR"],
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-           "WARMUP": json.dumps(args.server_warmup), **dict(args.server_env)}
+           "WARMUP": json.dumps(args.server_warmup), **server_env}
     variant = "demo" if args.model == "demo" else args.variant
     cmd = [sys.executable, "import_model.py", "--variant", variant]
     if args.model == "synthetic":
@@ -447,7 +448,8 @@ def bench_server(args, save=lambda r: None) -> dict:
     for start_kind in args.server_starts:
         port = 3900 + (start_kind == "warm_cache")
         url = f"http://127.0.0.1:{port}"
-        log = (work / f"{start_kind}.log").open("wb")
+        log_path = work / f"{start_kind}.log"
+        log = log_path.open("wb")
         proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "service:svc",
                                  "--host", "127.0.0.1", "--port", str(port)],
                                 cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -463,7 +465,7 @@ def bench_server(args, save=lambda r: None) -> dict:
             result[start_kind] = {"ready_s": ready, "first_request_s": latencies[0],
                                   "latency_s": statistics.median(latencies[1:]),
                                   "all_s": latencies[1:], "server_timing": timings[1:],
-                                  "warmup": args.server_warmup, "env": dict(args.server_env)}
+                                  "warmup": args.server_warmup, "env": server_env}
             if args.server_burst and start_kind == args.server_starts[0]:
                 result[start_kind]["burst"] = burst(url, buf.getvalue(), params, args.server_burst,
                                                     result[start_kind]["latency_s"])
@@ -481,9 +483,9 @@ def bench_server(args, save=lambda r: None) -> dict:
                 proc.wait()
             log.close()
             # Kept beside the JSON: its timestamps show where a start spends its time.
-            shutil.copy(work / f"{start_kind}.log", args.out.with_name(f"{args.out.stem}-{start_kind}.log"))
+            shutil.copy(log_path, args.out.with_name(f"{args.out.stem}-{start_kind}.log"))
             if proc.returncode not in (0, -15):
-                print((work / f"{start_kind}.log").read_text()[-3000:])
+                print(log_path.read_text()[-3000:])
     return result
 
 

@@ -33,15 +33,17 @@ class Stopped(Exception):
 def speedups_for(settings, device: str) -> Speedups:
     on_gpu = device.startswith("cuda")
     if settings.low_memory:
-        return Speedups(low_memory=True, step_cache=settings.step_cache)
-    if settings.fast_path if settings.fast_path is not None else on_gpu:
+        speedups = Speedups(low_memory=True)
+    elif settings.fast_path if settings.fast_path is not None else on_gpu:
         # Where compiled kernels are kept across restarts, set before torch first reads it.
         # The setting wins over a TORCHINDUCTOR_CACHE_DIR inherited from elsewhere (torch
         # sets one in its own process environment when it first needs it).
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.expanduser(settings.compile_cache_dir)
-        return replace(Speedups.fast(), fp8=settings.fp8, step_cache=settings.step_cache,
-                       compile_regions=settings.compile_regions)
-    return Speedups(fp8=settings.fp8, step_cache=settings.step_cache)
+        speedups = replace(Speedups.fast(), fp8=settings.fp8,
+                           compile_regions=settings.compile_regions)
+    else:
+        speedups = Speedups(fp8=settings.fp8)
+    return replace(speedups, step_cache=settings.step_cache)
 
 
 def pick_device(settings, index: int) -> str:

@@ -276,10 +276,8 @@ class VideoGenerator:
 
     @contextlib.contextmanager
     def _fresh_step_cache(self):
-        """A generation starts with nothing kept, and what it kept (hundreds of MB of
-        features at full size) is dropped when it ends, stopped or not."""
-        if self.step_cache is not None:
-            self.step_cache.reset()
+        """What a generation kept (hundreds of MB of features at full size) is dropped
+        when it ends, stopped or not, so the next one starts with nothing kept."""
         try:
             yield
         finally:

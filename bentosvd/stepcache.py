@@ -21,8 +21,7 @@ from diffusers.models.unets.unet_spatio_temporal_condition import UNetSpatioTemp
 
 class StepCache:
     def __init__(self, unet, interval: int, compile: bool = False):
-        if interval < 2:
-            raise ValueError(f"step cache interval must be 2 or more, got {interval}")
+        # interval >= 2: checked where it is chosen (Settings, Speedups).
         self.unet, self.interval = unet, interval
         self.calls, self.deep = 0, None
         self.full, self.shallow = self._full, self._shallow
