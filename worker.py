@@ -56,7 +56,9 @@ class GenerationWorker:
 
     def __init__(self) -> None:
         # Here, not at the top: only the worker process needs torch and diffusers.
+        started = time.perf_counter()
         from bentosvd.engine import Engine
+        logger.info("imported torch and diffusers in %.1f s", time.perf_counter() - started)
 
         self.engine = Engine(
             settings, variant, str(self.variant_model.tag),

@@ -40,7 +40,8 @@ def speedups_for(settings, device: str) -> Speedups:
         # sets one in its own process environment when it first needs it).
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.expanduser(settings.compile_cache_dir)
         speedups = replace(Speedups.fast(), fp8=settings.fp8,
-                           compile_regions=settings.compile_regions)
+                           compile_regions=settings.compile_regions,
+                           compile_vae=settings.compile_vae)
     else:
         speedups = Speedups(fp8=settings.fp8)
     return replace(speedups, step_cache=settings.step_cache)
@@ -78,21 +79,21 @@ class Engine:
         device = pick_device(settings, index)
         speedups = speedups_for(settings, device)
         self.on_gpu = device.startswith("cuda")
+        started = time.perf_counter()
         self.generator = VideoGenerator.load(pipeline_dir, image_encoder_dir, device=device,
                                              dtype=settings.dtype, speedups=speedups)
-        logger.info("loaded %s (%s) on %s with %s", name, variant.description, device, speedups)
+        logger.info("loaded %s (%s) on %s in %.1f s with %s", name, variant.description, device,
+                    time.perf_counter() - started, speedups)
         if speedups.compile_unet:
             # Compile now so /readyz turns 200 only once a request will not stall for minutes;
             # other shapes (num_frames, orientation) then run eagerly instead of compiling.
-            shapes = set()
             for orientation in settings.warmup:
                 w, h = (variant.width, variant.height)[:: 1 if orientation == "landscape" else -1]
                 started = time.perf_counter()
                 self.generator.warm_up(variant.num_frames, h, w)
-                shapes.add((variant.num_frames, h, w))
                 logger.info("warmed up %s (%dx%d) in %.1f s", orientation, w, h,
                             time.perf_counter() - started)
-            self.generator.compiled_shapes = shapes
+            self.generator.compile_new_shapes = False
         self.lock = threading.Lock()
         self.busy_gauge = busy_gauge
         self.faults_in_a_row = 0

@@ -63,7 +63,9 @@ def _weights_variant(folder: Path) -> str | None:
 
 def load_parts(pipeline_dir: Path, image_encoder_dir: Path, device: torch.device,
                dtype: torch.dtype) -> dict:
-    """Load the parts saved by `save_parts` (or placed by the hub download) onto `device`."""
+    """Load the parts saved by `save_parts` (or placed by the hub download) onto `device`.
+    Into CPU memory first, then copied: reading the files straight onto the GPU
+    (device_map) measured no faster (1.6-2.0 s against 1.4-1.5 s for SVD-XT, H100)."""
     pipeline_dir, image_encoder_dir = Path(pipeline_dir), Path(image_encoder_dir)
     # The vae is either SVD's temporal decoder or, for *_image_decoder, a frame-wise
     # AutoencoderKL: its config names the class.
@@ -88,8 +90,10 @@ class Speedups:
 
     channels_last: convolutions in NHWC, the layout cuDNN's fp16 kernels want.
     cudnn_attention: prefer cuDNN's fused attention (fastest on Hopper), then FlashAttention.
-    compile_unet / compile_vae: torch.compile; the first call per shape compiles (minutes
-        cold, much less with a warm TORCHINDUCTOR_CACHE_DIR).
+    compile_unet / compile_vae: torch.compile of the UNet / of the VAE's decoder; the first
+        call per shape compiles (minutes cold, much less with a warm TORCHINDUCTOR_CACHE_DIR).
+        The eager decoder spends most of its time in GroupNorm statistics computed with
+        a few dozen GPU blocks per frame; compiled, a frame decodes 2.6x faster (H200).
     compile_regions: with compile_unet, compile the UNet's repeated blocks one by one
         (`UNET_REGIONS`) instead of the whole UNet as one graph: blocks of one class and
         shape share their compiled code, so compiling, and tracing again after a restart,
@@ -143,8 +147,9 @@ class Speedups:
         # (14.05 vs 14.06 s on an H200: launches are not its bottleneck), and the ahead-of-time
         # compiled UNet could not be loaded on CUDA there (docs/BENCHMARKS.md). Compiled
         # block by block, its steps took 0.4% longer than as one graph (H200) and a
-        # restart's warm-up of both orientations 22.7 s instead of 44.5 s.
-        return cls(compile_unet=True, compile_regions=True)
+        # restart's warm-up of both orientations 22.7 s instead of 44.5 s. The compiled
+        # decoder takes a frame in 33 ms instead of 85 ms (H200, docs/bench/kernels_probe.py).
+        return cls(compile_unet=True, compile_regions=True, compile_vae=True)
 
 
 # The UNet's repeated blocks, which do nearly all of its work.
@@ -204,9 +209,12 @@ class VideoGenerator:
             # itself): one frame's feed-forward at a time, a few dozen calls per layer.
             unet.enable_forward_chunking(chunk_size=1, dim=0)
         self.phases = PhaseTimer(self.pipe, device)
-        # Once set (after warming up), shapes outside it run eagerly instead of compiling
-        # for minutes inside a request: (num_frames, height, width).
-        self.compiled_shapes: set[tuple[int, int, int]] | None = None
+        # What has run while compiling was allowed: ("unet", frames, height, width) and
+        # ("vae", frames decoded in one call, height, width).
+        self.compiled_shapes: set[tuple[str, int, int, int]] = set()
+        # Set to False once warmed up: from then on a shape not in compiled_shapes runs
+        # eagerly instead of compiling for minutes inside a request.
+        self.compile_new_shapes = True
 
     @classmethod
     def load(cls, pipeline_dir: Path, image_encoder_dir: Path, device: str = "auto",
@@ -240,23 +248,29 @@ class VideoGenerator:
                 on_step(i + 1, settings.num_inference_steps)
             return kwargs
 
-        shape = (settings.num_frames, height, width)
-        stance = ("force_eager" if self.compiled_shapes is not None and shape not in self.compiled_shapes
-                  else "default")
+        frames = settings.num_frames
+        unet_shape = ("unet", frames, height, width)
+        vae_shapes = {("vae", n, height, width) for n in decode_calls(frames, settings.decode_chunk_size)}
         if self.aot is not None:
-            self.aot.build_new = self.compiled_shapes is None
-        with self._attention_backends(), torch.compiler.set_stance(stance), self._fresh_step_cache():
-            frames = self.pipe(
-                Image.fromarray(image), height=height, width=width,
-                num_frames=settings.num_frames, num_inference_steps=settings.num_inference_steps,
+            self.aot.build_new = self.compile_new_shapes
+        with self._attention_backends(), self._compiled_for({unet_shape}), self._fresh_step_cache():
+            latents = self.pipe(
+                Image.fromarray(image), height=height, width=width, num_frames=frames,
+                num_inference_steps=settings.num_inference_steps,
                 min_guidance_scale=settings.min_guidance_scale,
                 max_guidance_scale=settings.max_guidance_scale, fps=settings.fps,
                 motion_bucket_id=settings.motion_bucket_id,
-                noise_aug_strength=settings.noise_aug_strength,
-                decode_chunk_size=settings.decode_chunk_size, generator=generator,
-                output_type="pt" if decode else "latent", callback_on_step_end=step_end,
-            ).frames[0]
-        video = to_uint8(frames) if decode else None
+                noise_aug_strength=settings.noise_aug_strength, generator=generator,
+                output_type="latent", callback_on_step_end=step_end,
+            ).frames
+        video = None
+        if decode:
+            # Decoded here rather than inside the pipeline call, so that the decoder runs
+            # compiled only where its own shapes were warmed (decoding_t is per request).
+            with self._compiled_for(vae_shapes):
+                decoded = self.pipe.decode_latents(latents, frames, settings.decode_chunk_size)
+            self.pipe.maybe_free_model_hooks()  # low-memory mode: the VAE back to the CPU
+            video = to_uint8(self.pipe.video_processor.postprocess_video(decoded, output_type="pt")[0])
         if timings is not None:
             timings.update(self.phases.times)
             timings["denoise"] = time.perf_counter() - start - sum(self.phases.times.values())
@@ -273,6 +287,15 @@ class VideoGenerator:
             noise_aug_strength=0.02, decode_chunk_size=1, seed=0)
         self.generate(np.zeros((height, width, 3), np.uint8), settings,
                       decode=self.speedups.compile_vae)
+
+    def _compiled_for(self, shapes: set[tuple]) -> contextlib.AbstractContextManager:
+        """Compiled code runs (and, while compiling new shapes, compiles) for these shapes
+        only if all were warmed; otherwise the models run eagerly."""
+        if self.compile_new_shapes:
+            self.compiled_shapes |= shapes
+        elif not shapes <= self.compiled_shapes:
+            return torch.compiler.set_stance("force_eager")
+        return contextlib.nullcontext()
 
     @contextlib.contextmanager
     def _fresh_step_cache(self):
@@ -345,6 +368,11 @@ def quantize_fp8(unet: torch.nn.Module, device: torch.device) -> None:
     granularity = PerRow() if unet.dtype == torch.bfloat16 else PerTensor()
     quantize_(unet, Float8DynamicActivationFloat8WeightConfig(granularity=granularity),
               filter_fn=in_transformer)
+
+
+def decode_calls(num_frames: int, chunk: int) -> set[int]:
+    """How many frames each of the VAE's calls decodes, decoding `chunk` at a time."""
+    return {min(chunk, num_frames - start) for start in range(0, num_frames, chunk)}
 
 
 def to_uint8(frames: torch.Tensor) -> np.ndarray:

@@ -40,3 +40,29 @@ def test_bench_runs_on_cpu_with_demo_model(tmp_path):
     assert {"convolution", "matmul", "attention"} <= set(profile["by_kind_s"])
     # Two requests at once, both answered with a video.
     assert server["burst"]["requests"] == 2 and len(server["burst"]["latencies_s"]) == 2
+
+
+def test_a_bench_stopped_mid_run_stops_the_server_it_started(tmp_path):
+    """Killed by `timeout` (SIGTERM) while its server is up, the benchmark stops that
+    server too: a server left behind would answer the next run's requests in place of the
+    one being timed (it did on the GPU machine, 2026-11-27)."""
+    import time
+
+    import psutil
+
+    bench = subprocess.Popen(
+        [sys.executable, "-m", "bentosvd.bench", "--model", "demo", "--server-only",
+         "--server-starts", "cold_cache", "--ready-timeout", "300", "--out", str(tmp_path / "b.json")],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    servers = []
+    while not servers and time.monotonic() < deadline and bench.poll() is None:
+        time.sleep(0.5)
+        servers = [p for p in psutil.Process(bench.pid).children(recursive=True)
+                   if "serve" in p.cmdline()]
+    assert servers, "the benchmark never started a server"
+    family = servers + servers[0].children(recursive=True)
+    bench.terminate()
+    assert bench.wait(120) == 128 + 15
+    gone, alive = psutil.wait_procs(family, timeout=60)
+    assert not alive, [p.cmdline() for p in alive]

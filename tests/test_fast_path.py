@@ -74,10 +74,52 @@ def test_compiling_block_by_block_covers_every_block_and_matches_eager():
     assert len(blocks) >= 6 and all(m._compiled_call_impl is not None for m in blocks)
     assert unet._compiled_call_impl is None  # not also compiled as one graph
     gen.warm_up(4, 144, 256)
-    gen.compiled_shapes = {(4, 144, 256)}
+    gen.compile_new_shapes = False
     graphs = counters["stats"]["unique_graphs"]
     assert graphs >= 2
     got = gen.generate(image, settings)
     assert counters["stats"]["unique_graphs"] == graphs  # the request compiled nothing
     expected = VideoGenerator(build_demo(4), torch.device("cpu")).generate(image, settings)
     assert np.abs(got.astype(int) - expected.astype(int)).max() <= 2
+
+
+def test_the_decoder_runs_compiled_only_for_the_warmed_decoding_t(monkeypatch):
+    """COMPILE_VAE: the warm-up compiles the VAE's decoder for one frame at a time (the
+    default decoding_t); a request with that decoding_t runs it compiled, one with another
+    decoding_t eagerly, neither compiles anything, and both match the eager video."""
+    import numpy as np
+    import torch
+    from diffusers.models.autoencoders.autoencoder_kl_temporal_decoder import TemporalDecoder
+    from torch._dynamo.utils import counters
+
+    from bentosvd.components import build_demo
+    from bentosvd.pipeline import GenerationSettings, Speedups, VideoGenerator
+
+    # The decoder's Python forward runs only eagerly: compiled code was traced from it once.
+    eager_calls = []
+    forward = TemporalDecoder.forward
+
+    def counted(self, *args, **kwargs):
+        if not torch.compiler.is_compiling():
+            eager_calls.append(args[0].shape[0])
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(TemporalDecoder, "forward", counted)
+    image = np.random.default_rng(0).integers(0, 256, (144, 256, 3), dtype=np.uint8)
+    torch._dynamo.reset()
+    gen = VideoGenerator(build_demo(4), torch.device("cpu"), Speedups.fast())
+    eager = VideoGenerator(build_demo(4), torch.device("cpu"))
+    gen.warm_up(4, 144, 256)
+    gen.compile_new_shapes = False
+    assert ("vae", 1, 144, 256) in gen.compiled_shapes
+    graphs = counters["stats"]["unique_graphs"]
+    for decoding_t, eager_decodes in ((1, []), (3, [3, 1])):
+        settings = GenerationSettings(
+            num_frames=4, num_inference_steps=2, min_guidance_scale=1.0, max_guidance_scale=2.0,
+            fps=7, motion_bucket_id=127, noise_aug_strength=0.02, decode_chunk_size=decoding_t,
+            seed=0)
+        eager_calls.clear()
+        got = gen.generate(image, settings)
+        assert eager_calls == eager_decodes, decoding_t
+        assert np.abs(got.astype(int) - eager.generate(image, settings).astype(int)).max() <= 2
+    assert counters["stats"]["unique_graphs"] == graphs  # no request compiled anything
