@@ -86,7 +86,8 @@ class Engine:
                     time.perf_counter() - started, speedups)
         if speedups.compile_unet:
             # Compile now so /readyz turns 200 only once a request will not stall for minutes;
-            # other shapes (num_frames, orientation) then run eagerly instead of compiling.
+            # other shapes (num_frames, orientation, decoding_t for the decoder) then run
+            # eagerly instead of compiling.
             for orientation in settings.warmup:
                 w, h = (variant.width, variant.height)[:: 1 if orientation == "landscape" else -1]
                 started = time.perf_counter()

@@ -64,5 +64,5 @@ def test_a_bench_stopped_mid_run_stops_the_server_it_started(tmp_path):
     family = servers + servers[0].children(recursive=True)
     bench.terminate()
     assert bench.wait(120) == 128 + 15
-    gone, alive = psutil.wait_procs(family, timeout=60)
+    _, alive = psutil.wait_procs(family, timeout=60)
     assert not alive, [p.cmdline() for p in alive]
