@@ -250,7 +250,6 @@ class VideoGenerator:
 
         frames = settings.num_frames
         unet_shape = ("unet", frames, height, width)
-        vae_shapes = {("vae", n, height, width) for n in decode_calls(frames, settings.decode_chunk_size)}
         if self.aot is not None:
             self.aot.build_new = self.compile_new_shapes
         with self._attention_backends(), self._compiled_for({unet_shape}), self._fresh_step_cache():
@@ -267,9 +266,11 @@ class VideoGenerator:
         if decode:
             # Decoded here rather than inside the pipeline call, so that the decoder runs
             # compiled only where its own shapes were warmed (decoding_t is per request).
-            with self._compiled_for(vae_shapes):
-                decoded = self.pipe.decode_latents(latents, frames, settings.decode_chunk_size)
-            self.pipe.maybe_free_model_hooks()  # low-memory mode: the VAE back to the CPU
+            chunk = settings.decode_chunk_size
+            with self._compiled_for({("vae", n, height, width) for n in decode_calls(frames, chunk)}):
+                decoded = self.pipe.decode_latents(latents, frames, chunk)
+            if self.speedups.low_memory:
+                self.pipe.maybe_free_model_hooks()  # the VAE back to the CPU, as the pipeline does
             video = to_uint8(self.pipe.video_processor.postprocess_video(decoded, output_type="pt")[0])
         if timings is not None:
             timings.update(self.phases.times)
