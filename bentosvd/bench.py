@@ -38,6 +38,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from bentosvd.components import build_demo, build_synthetic
+from bentosvd.cross_attention import remove_single_token_cross_attention
 from bentosvd.generation import GenerationSettings
 from bentosvd.pipeline import Speedups, VideoGenerator, sync
 from bentosvd.video import encode_mp4
@@ -46,9 +47,11 @@ ROOT = Path(__file__).resolve().parent.parent
 # The pipeline modes the benchmark can time on a GPU (--modes), in the default order.
 MODES = {
     "fast": Speedups.fast(),  # the default on CUDA: torch.compile of the UNet's blocks and the VAE's decoder
-    "low_memory": Speedups(low_memory=True),
+    "low_memory": Speedups(low_memory=True, single_token_cross_attention=True),
     "fp8": replace(Speedups.fast(), fp8=True),
     "fast_eager_vae": replace(Speedups.fast(), compile_vae=False),  # the decoder eager
+    # every cross-attention computed in full (the default up to run l)
+    "fast_full_cross_attention": replace(Speedups.fast(), single_token_cross_attention=False),
     "fast_whole": replace(Speedups.fast(), compile_regions=False),  # the UNet as one graph
     "fast_cudagraphs": replace(Speedups.fast(), compile_regions=False, cuda_graphs=True),
     "aot": Speedups(aot_unet=True),  # AOTInductor packages (bentosvd/aot.py)
@@ -287,6 +290,7 @@ def aot_cache() -> Path:
 def undo(gen: VideoGenerator, parts: dict, speedups: Speedups, device) -> None:
     """Give the next mode the plain parts back (compiled wrappers, offload hooks removed)."""
     parts["unet"].__dict__.pop("forward", None)  # the AOT dispatcher's or the step cache's
+    remove_single_token_cross_attention(parts["unet"])
     if speedups.low_memory:
         gen.pipe.remove_all_hooks()
         for m in parts["unet"].modules():  # forward chunking off again

@@ -24,6 +24,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
 from bentosvd.aot import AotUNet
+from bentosvd.cross_attention import use_single_token_cross_attention
 from bentosvd.generation import GenerationSettings
 from bentosvd.stepcache import StepCache
 
@@ -88,6 +89,9 @@ def load_parts(pipeline_dir: Path, image_encoder_dir: Path, device: torch.device
 class Speedups:
     """How the pipeline runs; none of these changes what it computes beyond float rounding.
 
+    single_token_cross_attention: SVD's cross-attention layers attend to one token (the
+        image embedding), so each returns that token's projected value for every query
+        (`bentosvd.cross_attention`); the query projection and the attention are skipped.
     channels_last: convolutions in NHWC, the layout cuDNN's fp16 kernels want.
     cudnn_attention: prefer cuDNN's fused attention (fastest on Hopper), then FlashAttention.
     compile_unet / compile_vae: torch.compile of the UNet / of the VAE's decoder; the first
@@ -115,6 +119,7 @@ class Speedups:
         Changes the output: opt-in, its deviation is measured by the benchmark. 0: off.
     """
 
+    single_token_cross_attention: bool = False
     channels_last: bool = False
     cudnn_attention: bool = False
     compile_unet: bool = False
@@ -149,7 +154,8 @@ class Speedups:
         # block by block, its steps took 0.4% longer than as one graph (H200) and a
         # restart's warm-up of both orientations 22.7 s instead of 44.5 s. The compiled
         # decoder takes a frame in 33 ms instead of 85 ms (H200, docs/bench/kernels_probe.py).
-        return cls(compile_unet=True, compile_regions=True, compile_vae=True)
+        return cls(single_token_cross_attention=True, compile_unet=True, compile_regions=True,
+                   compile_vae=True)
 
 
 # The UNet's repeated blocks, which do nearly all of its work.
@@ -177,6 +183,8 @@ class VideoGenerator:
         self.pipe = StableVideoDiffusionPipeline(**parts)
         self.pipe.set_progress_bar_config(disable=True)
         unet, vae = self.pipe.unet, self.pipe.vae
+        if speedups.single_token_cross_attention:
+            use_single_token_cross_attention(unet)
         if speedups.channels_last:
             # Only the 2-D convolutions: the temporal layers hold rank-5 weights.
             for module in [*unet.modules(), *vae.modules()]:
@@ -367,8 +375,13 @@ def quantize_fp8(unet: torch.nn.Module, device: torch.device) -> None:
     # torchao's per-row scales take bfloat16 weights only (an fp16 UNet failed with
     # "PerRow quantization only works for bfloat16" on the H100): one scale per tensor there.
     granularity = PerRow() if unet.dtype == torch.bfloat16 else PerTensor()
-    quantize_(unet, Float8DynamicActivationFloat8WeightConfig(granularity=granularity),
-              filter_fn=in_transformer)
+    # set_inductor_config=False: by default torchao turns on Inductor's coordinate-descent
+    # tuning for the whole process, which benchmarks every kernel while compiling: the
+    # UNet's first level alone then took 209 s to compile instead of the whole UNet's ~100 s
+    # (H100, docs/bench/fp8_probe.py), fp16 graphs as much as FP8 ones.
+    config = Float8DynamicActivationFloat8WeightConfig(granularity=granularity,
+                                                       set_inductor_config=False)
+    quantize_(unet, config, filter_fn=in_transformer)
 
 
 def decode_calls(num_frames: int, chunk: int) -> set[int]:
