@@ -288,14 +288,21 @@ class VideoGenerator:
     def warm_up(self, num_frames: int, height: int, width: int) -> None:
         """Compile (or load from the compile cache) the kernels for this shape: one
         denoising step with guidance, as a request runs it (two with the step cache: a
-        whole and a shallow one). The VAE is decoded only when it is compiled too;
-        otherwise there is nothing in it to warm."""
+        whole and a shallow one). When the VAE's decoder is compiled too, it decodes one
+        frame, as every call of a request at decoding_t 1 (the default) does; decoding
+        all the frames would only repeat that call (about 1 s at full size)."""
         settings = GenerationSettings(
             num_frames=num_frames, num_inference_steps=2 if self.step_cache else 1,
             min_guidance_scale=1.0, max_guidance_scale=2.0, fps=7, motion_bucket_id=127,
             noise_aug_strength=0.02, decode_chunk_size=1, seed=0)
-        self.generate(np.zeros((height, width, 3), np.uint8), settings,
-                      decode=self.speedups.compile_vae)
+        self.generate(np.zeros((height, width, 3), np.uint8), settings, decode=False)
+        if self.speedups.compile_vae:
+            vae = self.pipe.vae
+            factor = self.pipe.vae_scale_factor
+            latent = torch.zeros(1, 1, vae.config.latent_channels, height // factor,
+                                 width // factor, device=self.device, dtype=vae.dtype)
+            with self._compiled_for({("vae", 1, height, width)}):
+                self.pipe.decode_latents(latent, 1, 1)
 
     def _compiled_for(self, shapes: set[tuple]) -> contextlib.AbstractContextManager:
         """Compiled code runs (and, while compiling new shapes, compiles) for these shapes

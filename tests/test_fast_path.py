@@ -85,8 +85,9 @@ def test_compiling_block_by_block_covers_every_block_and_matches_eager():
 
 def test_the_decoder_runs_compiled_only_for_the_warmed_decoding_t(monkeypatch):
     """COMPILE_VAE: the warm-up compiles the VAE's decoder for one frame at a time (the
-    default decoding_t); a request with that decoding_t runs it compiled, one with another
-    decoding_t eagerly, neither compiles anything, and both match the eager video."""
+    default decoding_t), decoding a single frame; a request with that decoding_t runs it
+    compiled, one with another decoding_t eagerly, neither compiles anything, and both
+    match the eager video."""
     import numpy as np
     import torch
     from diffusers.models.autoencoders.autoencoder_kl_temporal_decoder import TemporalDecoder
@@ -109,8 +110,12 @@ def test_the_decoder_runs_compiled_only_for_the_warmed_decoding_t(monkeypatch):
     torch._dynamo.reset()
     gen = VideoGenerator(build_demo(4), torch.device("cpu"), Speedups.fast())
     eager = VideoGenerator(build_demo(4), torch.device("cpu"))
+    decoded = []  # frames per decode_latents call
+    decode_latents = gen.pipe.decode_latents
+    gen.pipe.decode_latents = lambda latents, *a: decoded.append(latents.shape[1]) or decode_latents(latents, *a)
     gen.warm_up(4, 144, 256)
     gen.compile_new_shapes = False
+    assert decoded == [1]  # the warm-up decodes one frame, as each call at decoding_t 1 does
     assert ("vae", 1, 144, 256) in gen.compiled_shapes
     graphs = counters["stats"]["unique_graphs"]
     for decoding_t, eager_decodes in ((1, []), (3, [3, 1])):
