@@ -19,6 +19,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import signal
 import socket
@@ -477,7 +478,9 @@ def bench_server(args, save=lambda r: None) -> dict:
                 assert status == 200 and data[4:8] == b"ftyp", f"{status}: {data[:300]!r}"
                 latencies.append(seconds)
                 timings.append(parse_server_timing(headers.get("Server-Timing")))
-            result[start_kind] = {"ready_s": ready, "first_request_s": latencies[0],
+            result[start_kind] = {"ready_s": ready,
+                                  "startup": startup_phases(log_path.read_text(errors="replace")),
+                                  "first_request_s": latencies[0],
                                   "latency_s": statistics.median(latencies[1:]),
                                   "all_s": latencies[1:], "server_timing": timings[1:],
                                   "warmup": args.server_warmup, "env": server_env}
@@ -490,6 +493,10 @@ def bench_server(args, save=lambda r: None) -> dict:
             print(f"server ({start_kind}): ready in {ready:.1f} s, "
                   f"latency {result[start_kind]['latency_s']:.2f} s", flush=True)
         finally:
+            # Kept beside the JSON: its timestamps show where a start spends its time. Copied
+            # before the server stops too, which can take up to a minute a run may not have.
+            kept = args.out.with_name(f"{args.out.stem}-{start_kind}.log")
+            shutil.copy(log_path, kept)
             os.killpg(proc.pid, 15)
             try:
                 proc.wait(60)
@@ -497,11 +504,25 @@ def bench_server(args, save=lambda r: None) -> dict:
                 os.killpg(proc.pid, 9)
                 proc.wait()
             log.close()
-            # Kept beside the JSON: its timestamps show where a start spends its time.
-            shutil.copy(log_path, args.out.with_name(f"{args.out.stem}-{start_kind}.log"))
+            shutil.copy(log_path, kept)
             if proc.returncode not in (0, -15):
                 print(log_path.read_text()[-3000:])
     return result
+
+
+def startup_phases(log: str) -> dict:
+    """Where a server start went, from its worker's log lines: seconds to import torch and
+    diffusers, to load the model, and to warm up each orientation. Kept in the JSON, so a
+    run cut short before the log is copied still says it."""
+    phases = {}
+    if m := re.search(r"imported torch and diffusers in ([\d.]+) s", log):
+        phases["imported_s"] = float(m[1])
+    if m := re.search(r"\] loaded .* in ([\d.]+) s with", log):
+        phases["loaded_s"] = float(m[1])
+    warmed = {k: float(v) for k, v in re.findall(r"warmed up (\w+) \(\d+x\d+\) in ([\d.]+) s", log)}
+    if warmed:
+        phases["warmed_s"] = warmed
+    return phases
 
 
 # ---------------------------------------------------------------- report

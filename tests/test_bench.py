@@ -28,6 +28,8 @@ def test_bench_runs_on_cpu_with_demo_model(tmp_path):
     assert report["pipeline"]["vanilla"]["seconds"] > 0
     server = report["server"]["cold_cache"]
     assert server["ready_s"] > 0
+    # Where the start went, from the worker's log (no warm-up: the fast path is off on CPU).
+    assert server["startup"]["imported_s"] > 0 and server["startup"]["loaded_s"] > 0
     # --server-env reached the server, and its log is kept beside the JSON.
     assert server["env"] == {"STEP_CACHE": "2"}
     assert "step_cache=2" in (tmp_path / "bench-cold_cache.log").read_text(errors="replace")

@@ -5,7 +5,10 @@ step then costs (GPU only; run on the device machine after `source scripts/devic
 
 The benchmark's `fp8` mode never finished its first generation inside a 10-minute call
 (run i), so this probe compiles one UNet step alone and prints as it goes: when each of
-the UNet's levels first runs (the compile reaches it), then step times. On synthetic
+the UNet's levels first runs (the compile reaches it), then step times. Its first run
+(n, docs/BENCHMARKS.md) found why: torchao's quantize_ had switched on Inductor's
+coordinate-descent tuning for the whole process, and even the fp16 UNet compiled after it
+took minutes per level; quantize_fp8 now leaves Inductor's settings alone. On synthetic
 full-size SVD-XT weights (fp16, 576x1024, 25 frames, batch 2 for guidance), the UNet as
 the fast path runs it (single-token cross-attention, compiled block by block):
 - fp16, as the reference (its kernels come from the compile cache when the benchmark ran
