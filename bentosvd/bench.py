@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # The pipeline modes the benchmark can time on a GPU (--modes), in the default order.
 MODES = {
     "fast": Speedups.fast(),  # the default on CUDA: torch.compile of the UNet's blocks and the VAE's decoder
-    "low_memory": Speedups(low_memory=True, single_token_cross_attention=True),
+    "low_memory": Speedups.low_memory_mode(),
     "fp8": replace(Speedups.fast(), fp8=True),
     "fast_eager_vae": replace(Speedups.fast(), compile_vae=False),  # the decoder eager
     # every cross-attention computed in full (the default up to run l)

@@ -21,6 +21,9 @@ from diffusers.models.attention_processor import Attention, AttnProcessor, AttnP
 
 
 class SingleTokenCrossAttention:
+    """A diffusers attention processor: the shortcut where it applies, `fallback` (the
+    layer's own processor) everywhere else."""
+
     def __init__(self, fallback):
         self.fallback = fallback
 

@@ -33,7 +33,7 @@ class Stopped(Exception):
 def speedups_for(settings, device: str) -> Speedups:
     on_gpu = device.startswith("cuda")
     if settings.low_memory:
-        speedups = Speedups(low_memory=True, single_token_cross_attention=True)
+        speedups = Speedups.low_memory_mode()
     elif settings.fast_path if settings.fast_path is not None else on_gpu:
         # Where compiled kernels are kept across restarts, set before torch first reads it.
         # The setting wins over a TORCHINDUCTOR_CACHE_DIR inherited from elsewhere (torch

@@ -158,6 +158,12 @@ class Speedups:
         return cls(single_token_cross_attention=True, compile_unet=True, compile_regions=True,
                    compile_vae=True)
 
+    @classmethod
+    def low_memory_mode(cls) -> Speedups:
+        # LOW_MEMORY: for GPUs of 8 GiB (see low_memory); the cross-attention shortcut only
+        # removes work and activations, so it comes along.
+        return cls(low_memory=True, single_token_cross_attention=True)
+
 
 # The UNet's repeated blocks, which do nearly all of its work.
 UNET_REGIONS = ("SpatioTemporalResBlock", "TransformerSpatioTemporalModel")

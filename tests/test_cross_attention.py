@@ -30,6 +30,12 @@ def cross_layers(model):
     return [m for m in model.modules() if isinstance(m, Attention) and m.is_cross_attention]
 
 
+def test_the_fast_path_and_low_memory_mode_use_it():
+    assert Speedups.fast().single_token_cross_attention
+    assert Speedups.low_memory_mode().single_token_cross_attention
+    assert not Speedups().single_token_cross_attention  # plain diffusers stays plain
+
+
 def test_every_cross_attention_of_the_full_size_unet_gets_it_and_gives_it_back():
     # SVD's own architecture (weights never materialised): 16 transformer models, each a
     # spatial and a temporal block with one cross-attention layer.
@@ -100,14 +106,14 @@ def test_a_layer_with_its_own_processor_is_left_alone():
     assert type(layer.processor) is Custom
 
 
-@pytest.mark.parametrize("low_memory", [False, True])
-def test_videos_match_the_plain_pipeline(low_memory):
-    """Through the whole pipeline (the fast path's and low-memory mode's setting, eager on the CPU)."""
+def test_videos_match_the_plain_pipeline():
+    """Through the whole pipeline (eager on the CPU; the fast path and low-memory mode turn
+    it on), the same video byte for byte."""
     settings = GenerationSettings(num_frames=4, num_inference_steps=3, min_guidance_scale=1.0,
                                   max_guidance_scale=2.5, fps=7, motion_bucket_id=127,
                                   noise_aug_strength=0.02, decode_chunk_size=2, seed=3)
     image = np.random.default_rng(1).integers(0, 256, (144, 256, 3), dtype=np.uint8)
     plain = VideoGenerator(build_demo(4), torch.device("cpu")).generate(image, settings)
-    speedups = Speedups(single_token_cross_attention=True, low_memory=low_memory)
+    speedups = Speedups(single_token_cross_attention=True)
     got = VideoGenerator(build_demo(4), torch.device("cpu"), speedups).generate(image, settings)
     assert np.array_equal(got, plain)

@@ -27,6 +27,7 @@ import torch
 from bentosvd.components import build_synthetic
 from bentosvd.cross_attention import use_single_token_cross_attention
 from bentosvd.pipeline import UNET_REGIONS, compile_regions, quantize_fp8
+from kernels_probe import timed  # beside this file
 
 results: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
 OUT = sys.argv[1] if len(sys.argv) > 1 else "fp8.json"
@@ -38,20 +39,6 @@ def record(name, value):
     print(f"[{time.perf_counter() - START:6.1f} s] {name} {value}", flush=True)
     with open(OUT, "w") as f:
         json.dump(results, f, indent=1)
-
-
-def timed(fn, repeats=5, warmup=2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1000)
-    return sorted(times)[len(times) // 2]
 
 
 def announce_levels(unet, tag):
