@@ -5,7 +5,6 @@ the attention kernel, and any other attention is computed as before."""
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import UNetSpatioTemporalConditionModel
