@@ -1,13 +1,16 @@
 """Where the exact fast path still loses time, per component (GPU only; run on the device
 machine after `source scripts/device_bench.sh`):
 
-    python3 docs/bench/kernels_probe.py $OUT/kernels.json
+    python3 docs/bench/kernels_probe.py $OUT/kernels.json [unet]
+
+(`unet`: only the UNet step, as the fast path runs it now.)
 
 Measures, on synthetic full-size SVD-XT weights (fp16, 576x1024, 25 frames):
 - the temporal VAE decoding one frame (what decoding_t=1 does 25 times): eager, with
   cuDNN's autotuner (torch.backends.cudnn.benchmark), channels_last, compiled, and five
   frames in one call as five one-frame videos (the same arithmetic per frame);
-- one guided UNet step (batch 2 x 25 frames) compiled block by block, with and without
+- one guided UNet step (batch 2 x 25 frames) compiled block by block, with the
+  single-token cross-attention (since run s; run h computed it in full), with and without
   cuDNN's autotuner, and its top kernels;
 - the temporal Conv3d (3,1,1) alone, on the permuted layout the UNet hands it and on a
   contiguous one.
@@ -21,6 +24,7 @@ import time
 import torch
 
 from bentosvd.components import build_synthetic
+from bentosvd.cross_attention import use_single_token_cross_attention
 from bentosvd.pipeline import UNET_REGIONS, compile_regions
 
 results: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
@@ -60,13 +64,27 @@ def record(name, value):
 
 
 @torch.no_grad()
-def main(out: str) -> None:
+def main(out: str, unet_only: bool = False) -> None:
     t0 = time.perf_counter()
     parts = build_synthetic(25, device="cuda", dtype=torch.float16)
     unet, vae = parts["unet"], parts["vae"]
     record("build_s", time.perf_counter() - t0)
     gen = torch.Generator("cuda").manual_seed(0)
+    if not unet_only:
+        components(vae, gen)
+    unet_step(unet, gen)
+    record("peak_gib", torch.cuda.max_memory_allocated() / 2**30)
 
+    with open(out, "w") as f:
+        json.dump(results, f, indent=1)
+    print("\n== summary ==")
+    for k, v in results.items():
+        if isinstance(v, float):
+            print(f"{k:50s} {v:.4f}")
+
+
+def components(vae, gen) -> None:
+    """The VAE decoder's variants and the convolutions (see the module's docstring)."""
     # --- VAE, one frame as decoding_t=1 decodes it ---
     z1 = torch.randn(1, 4, 72, 128, device="cuda", dtype=torch.half, generator=gen)
     z5 = torch.randn(5, 4, 72, 128, device="cuda", dtype=torch.half, generator=gen)
@@ -121,7 +139,10 @@ def main(out: str) -> None:
     record("conv2d_3x3_level0_s", timed(lambda: conv2(x2)))
     del x_bf, x_perm, x_cont, x2
 
-    # --- one guided UNet step, compiled block by block (the default fast path) ---
+
+def unet_step(unet, gen) -> None:
+    """One guided UNet step, as the default fast path runs it."""
+    use_single_token_cross_attention(unet)
     compile_regions(unet, UNET_REGIONS, None)
     x = torch.randn(2, 25, 8, 72, 128, device="cuda", dtype=torch.half, generator=gen)
     t = torch.tensor(700.0, device="cuda")
@@ -138,15 +159,7 @@ def main(out: str) -> None:
     record("unet_step_compiled_cudnn_benchmark_kernels", top_kernels(step, 30))
     torch.backends.cudnn.benchmark = False
     record("unet_step_compiled_kernels", top_kernels(step, 30))
-    record("peak_gib", torch.cuda.max_memory_allocated() / 2**30)
-
-    with open(out, "w") as f:
-        json.dump(results, f, indent=1)
-    print("\n== summary ==")
-    for k, v in results.items():
-        if isinstance(v, float):
-            print(f"{k:50s} {v:.4f}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "kernels.json")
+    main(sys.argv[1] if len(sys.argv) > 1 else "kernels.json", "unet" in sys.argv[2:])
