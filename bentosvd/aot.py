@@ -11,8 +11,8 @@ With `cuda_graphs`, each shape's step is also captured once as a CUDA graph and 
 so the CPU launches a step's ~1000 kernels as one; the graphs of all shapes share one
 memory pool (one generation runs at a time).
 
-Only the shapes compiled while `build_new` is set (the warm-up) run compiled; any other
-shape runs the eager UNet rather than compiling for minutes inside a request.
+Only the shapes compiled while `may_build()` says so (the warm-up) run compiled; any
+other shape runs the eager UNet rather than compiling for minutes inside a request.
 
 Status: an opt-in pipeline mode (`Speedups(aot_unet=True)`, the benchmark's `aot` modes),
 not the server's fast path: on the GPU machines measured so far (torch 2.11.0+cu130)
@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
 
@@ -57,12 +58,13 @@ class _ExportedUNet(torch.nn.Module):
 class AotUNet:
     """Takes over `unet.forward`: calls of a compiled shape run its package, others eager."""
 
-    def __init__(self, unet: torch.nn.Module, cache_dir: Path, cuda_graphs: bool = False):
+    def __init__(self, unet: torch.nn.Module, cache_dir: Path, cuda_graphs: bool = False,
+                 may_build: Callable[[], bool] = lambda: True):
         self.unet, self.cache_dir = unet, Path(cache_dir)
         self.module = _ExportedUNet(unet)
         self.cuda_graphs = cuda_graphs
         self.runners: dict[tuple, object] = {}
-        self.build_new = True
+        self.may_build = may_build
         self._graph_pool = None
         unet.forward = self.forward  # an instance attribute: the class's forward stays eager
 
@@ -70,7 +72,7 @@ class AotUNet:
         inputs = (sample, torch.as_tensor(timestep, device=sample.device),
                   encoder_hidden_states, added_time_ids)
         key = tuple((tuple(x.shape), str(x.dtype), str(x.device)) for x in inputs)
-        if key not in self.runners and self.build_new:
+        if key not in self.runners and self.may_build():
             self.runners[key] = self._runner(inputs, key)
         runner = self.runners.get(key)
         out = runner(*inputs) if runner is not None else self.module(*inputs)

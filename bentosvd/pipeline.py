@@ -215,7 +215,9 @@ class VideoGenerator:
         if speedups.aot_unet:
             if cache_dir is None:
                 raise ValueError("aot_unet needs a cache_dir for its compiled packages")
-            self.aot = AotUNet(unet, cache_dir, cuda_graphs=speedups.cuda_graphs)
+            # Packages are built only while new shapes may compile (the warm-up).
+            self.aot = AotUNet(unet, cache_dir, cuda_graphs=speedups.cuda_graphs,
+                               may_build=lambda: self.compile_new_shapes)
         if speedups.compile_vae:
             vae.decoder.compile(dynamic=False)
         if speedups.low_memory and device.type == "cuda":
@@ -265,8 +267,6 @@ class VideoGenerator:
 
         frames = settings.num_frames
         unet_shape = ("unet", frames, height, width)
-        if self.aot is not None:
-            self.aot.build_new = self.compile_new_shapes
         with self._attention_backends(), self._compiled_for({unet_shape}), self._fresh_step_cache():
             latents = self.pipe(
                 Image.fromarray(image), height=height, width=width, num_frames=frames,
