@@ -150,8 +150,9 @@ class Settings(BaseSettings):
     )
     compile_cache_dir: str = Field(
         "~/.cache/bentosvd/inductor",
-        description="torch.compile's cache (TORCHINDUCTOR_CACHE_DIR); keep it on a volume so a "
-        "restart does not compile again.",
+        description="torch.compile's cache (TORCHINDUCTOR_CACHE_DIR), with the UNet's blocks "
+        "compiled ahead of time in its aot/ folder; keep it on a volume so a restart neither "
+        "compiles nor traces again.",
     )
 
     @field_validator("step_cache")

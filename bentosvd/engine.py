@@ -80,8 +80,11 @@ class Engine:
         speedups = speedups_for(settings, device)
         self.on_gpu = device.startswith("cuda")
         started = time.perf_counter()
+        # Compiled code saved ahead of time (the UNet's blocks) lives beside Inductor's cache.
+        cache_dir = Path(os.path.expanduser(settings.compile_cache_dir)) / "aot"
         self.generator = VideoGenerator.load(pipeline_dir, image_encoder_dir, device=device,
-                                             dtype=settings.dtype, speedups=speedups)
+                                             dtype=settings.dtype, speedups=speedups,
+                                             cache_dir=cache_dir)
         logger.info("loaded %s (%s) on %s in %.1f s with %s", name, variant.description, device,
                     time.perf_counter() - started, speedups)
         if speedups.compile_unet:
@@ -92,13 +95,21 @@ class Engine:
                 w, h = (variant.width, variant.height)[:: 1 if orientation == "landscape" else -1]
                 started = time.perf_counter()
                 self.generator.warm_up(variant.num_frames, h, w)
-                logger.info("warmed up %s (%dx%d) in %.1f s", orientation, w, h,
-                            time.perf_counter() - started)
+                logger.info("warmed up %s (%dx%d) in %.1f s%s", orientation, w, h,
+                            time.perf_counter() - started, self._saved_blocks())
             self.generator.compile_new_shapes = False
         self.lock = threading.Lock()
         self.busy_gauge = busy_gauge
         self.faults_in_a_row = 0
         self.injected_faults = settings.inject_faults
+
+    def _saved_blocks(self) -> str:
+        """How the compiled blocks got their code so far, for the warm-up's log line."""
+        regions = self.generator.saved_regions
+        if regions is None:
+            return ""
+        counts = ", ".join(f"{n} {what}" for what, n in sorted(regions.counts.items()))
+        return f" (compiled blocks: {counts or 'none built'})"
 
     @property
     def alive(self) -> bool:

@@ -26,6 +26,7 @@ from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 from bentosvd.aot import AotUNet
 from bentosvd.cross_attention import use_single_token_cross_attention
 from bentosvd.generation import GenerationSettings
+from bentosvd.saved_regions import SavedRegions
 from bentosvd.stepcache import StepCache
 
 # Folders inside the variant's model directory; the image encoder has a model of its own.
@@ -102,6 +103,11 @@ class Speedups:
         (`UNET_REGIONS`) instead of the whole UNet as one graph: blocks of one class and
         shape share their compiled code, so compiling, and tracing again after a restart,
         take a fraction of the time.
+    save_compiled: with compile_regions and a cache_dir, each block (and, with compile_vae,
+        the decoder) is compiled ahead of time (torch.compile's aot_compile,
+        `bentosvd.saved_regions`) into a file in cache_dir that a restart loads in
+        milliseconds instead of tracing it again (not with cuda_graphs, whose compiled
+        graphs stay in-process).
     aot_unet: the UNet compiled ahead of time (AOTInductor, `bentosvd.aot`): one package per
         shape, compiled on its first call (minutes) into `cache_dir` and loaded from there
         in seconds by every later process (not on CUDA under torch 2.11: loading crashed).
@@ -124,6 +130,7 @@ class Speedups:
     cudnn_attention: bool = False
     compile_unet: bool = False
     compile_regions: bool = False
+    save_compiled: bool = False
     compile_vae: bool = False
     low_memory: bool = False
     fp8: bool = False
@@ -155,8 +162,9 @@ class Speedups:
         # restart's warm-up of both orientations 22.7 s instead of 44.5 s. The compiled
         # decoder takes a frame in 33 ms instead of 85 ms (H200, docs/bench/kernels_probe.py).
         # The single-token cross-attention took the 25 steps from 12.10 to 11.05 s (H100).
+        # Saved block by block, a restart loads the UNet's compiled code instead of tracing it.
         return cls(single_token_cross_attention=True, compile_unet=True, compile_regions=True,
-                   compile_vae=True)
+                   save_compiled=True, compile_vae=True)
 
     @classmethod
     def low_memory_mode(cls) -> Speedups:
@@ -202,7 +210,16 @@ class VideoGenerator:
         # dynamic=False: each image orientation gets kernels of its own fixed shape; letting
         # the second shape turn the graph dynamic gives slower kernels to both.
         mode = "reduce-overhead" if speedups.cuda_graphs else None
-        if speedups.compile_unet and speedups.compile_regions:
+        regions = speedups.compile_unet and speedups.compile_regions
+        self.saved_regions = None
+        if regions and speedups.save_compiled and cache_dir is not None and not speedups.cuda_graphs:
+            blocks = [m for m in unet.modules() if type(m).__name__ in UNET_REGIONS]
+            if speedups.compile_vae:
+                blocks.append(vae.decoder)
+            # Built only while new shapes may compile (the warm-up), as the AOT UNet.
+            self.saved_regions = SavedRegions(blocks, cache_dir,
+                                              may_build=lambda: self.compile_new_shapes)
+        elif regions:
             compile_regions(unet, UNET_REGIONS, mode)
         whole = speedups.compile_unet and not speedups.compile_regions
         self.step_cache = None
@@ -218,7 +235,7 @@ class VideoGenerator:
             # Packages are built only while new shapes may compile (the warm-up).
             self.aot = AotUNet(unet, cache_dir, cuda_graphs=speedups.cuda_graphs,
                                may_build=lambda: self.compile_new_shapes)
-        if speedups.compile_vae:
+        if speedups.compile_vae and self.saved_regions is None:
             vae.decoder.compile(dynamic=False)
         if speedups.low_memory and device.type == "cuda":
             self.pipe.enable_model_cpu_offload(device=device)

@@ -1,0 +1,201 @@
+"""The UNet's blocks and the VAE's decoder compiled ahead of time and kept on disk.
+
+Compiled block by block (`compile_regions`), a restart still traces every block (and the
+decoder) again with Dynamo while Inductor's cache hands back the kernels: 14-18 s per
+image orientation on H100 and H200 machines, half of a restart. torch.compile's `aot_compile` (torch 2.10+) instead
+captures a block's forward once (Dynamo's bytecode and guards together with Inductor's
+compiled code) into a file that a new process loads in milliseconds, without tracing.
+
+One file per block class, block configuration and input shapes: blocks of one class and
+configuration share it, as their compiled code is the same; the weights are not in it
+(they are read from the block at each call). The file's name also covers the versions of
+torch and diffusers, the device and the source of the classes involved, so that an
+upgrade compiles afresh instead of loading stale code; a file that cannot be loaded is
+compiled again and replaced.
+
+Each call still checks the compiled code's guards (grad mode, input strides, parameter
+shapes); a call they reject, like any input shape not compiled while `may_build()` says
+so (the warm-up), runs the block eagerly rather than compiling inside a request. A block
+that `aot_compile` cannot capture (or a torch without it) is compiled in-process as
+`compile_regions` does, so a failure costs restart time, never the service.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import diffusers
+import torch
+
+logger = logging.getLogger("bentoml.svd")
+
+# Bump when what goes into a file changes in a way its name does not show.
+FORMAT = 1
+
+
+class SavedRegions:
+    """Takes over the forward of each of `blocks`."""
+
+    def __init__(self, blocks: list[torch.nn.Module], cache_dir: Path,
+                 may_build: Callable[[], bool] = lambda: True):
+        self.cache_dir, self.may_build = Path(cache_dir), may_build
+        # Files loaded, compiled (and saved), and blocks compiled in-process instead.
+        self.counts: Counter[str] = Counter()
+        # key -> (compiled callable or None for eager, whether its guards are to be checked)
+        self._functions: dict[tuple, tuple[Callable | None, bool]] = {}
+        self._in_process: dict[type, Callable] = {}  # class -> torch.compile'd forward
+        self._blocks = list(blocks)
+        # The in-process fallback keeps one compiled version per class and shape.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 128)
+        for block in self._blocks:
+            identity = (_structure(block), _sources_digest(block))
+            block.forward = partial(self._call, block, identity)  # the class's forward stays eager
+
+    def remove(self) -> None:
+        """Give the blocks their own forward back."""
+        for block in self._blocks:
+            block.__dict__.pop("forward", None)
+
+    def _call(self, block: torch.nn.Module, identity: tuple, *args, **kwargs):
+        key = (identity, _describe(args), _describe(sorted(kwargs.items())), torch.is_grad_enabled())
+        if key not in self._functions:
+            if not self.may_build():
+                return type(block).forward(block, *args, **kwargs)
+            self._functions[key] = self._build(key, block, args, kwargs)
+        fn, guarded = self._functions[key]
+        if fn is None:
+            return type(block).forward(block, *args, **kwargs)
+        if guarded and not fn.guard_check(block, *args, **kwargs):
+            # The key covers what the guards check; this is a safety net, not a path.
+            logger.warning("the compiled %s rejected its inputs; it runs eagerly", type(block).__name__)
+            return type(block).forward(block, *args, **kwargs)
+        return fn(block, *args, **kwargs)
+
+    # -------------------------------------------------------------- files on disk
+
+    def _build(self, key: tuple, block: torch.nn.Module, args: tuple, kwargs: dict):
+        name = type(block).__name__
+        path = self.cache_dir / f"{name}-{_digest(key, block)}.bin"
+        if path.exists():
+            try:
+                fn = _load(path)
+                self.counts["loaded"] += 1
+                logger.debug("loaded the compiled %s from %s", name, path)
+                return fn, True
+            except Exception as e:
+                logger.warning("could not load %s (%s); compiling it again", path, e)
+        started = time.perf_counter()
+        try:
+            fn = _compile(block, args, kwargs)
+        except Exception as e:
+            self.counts["in_process"] += 1
+            logger.warning("could not compile %s ahead of time (%s: %s); compiling it in-process",
+                           name, type(e).__name__, str(e).strip().split("\n")[0][:300])
+            return self._in_process_compiled(type(block)), False
+        self.counts["compiled"] += 1
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fn.save_compiled_function(str(path))  # written to a temporary file, then renamed
+        except Exception as e:
+            logger.warning("could not save the compiled %s to %s: %s", name, path, e)
+        logger.info("compiled %s ahead of time in %.1f s: %s", name, time.perf_counter() - started, path)
+        return fn, True
+
+    def _in_process_compiled(self, cls: type) -> Callable:
+        if cls not in self._in_process:
+            self._in_process[cls] = torch.compile(cls.forward, dynamic=False)
+        return self._in_process[cls]
+
+
+def _compile(block: torch.nn.Module, args: tuple, kwargs: dict):
+    if hasattr(torch._dynamo.config, "enable_aot_compile"):
+        torch._dynamo.config.enable_aot_compile = True  # off by default in some torch versions
+    compiled = torch.compile(type(block).forward, fullgraph=True, dynamic=False,
+                             options={"guard_filter_fn": _portable_guards})
+    if not hasattr(compiled, "aot_compile"):
+        raise RuntimeError(f"torch {torch.__version__} has no torch.compile(...).aot_compile")
+    # The block goes into the saved guards' state: without the dispatcher set as its
+    # forward, which holds the compiled functions (their guard managers do not pickle).
+    dispatcher = block.__dict__.pop("forward", None)
+    try:
+        fn = compiled.aot_compile(((block, *args), kwargs))
+    finally:
+        if dispatcher is not None:
+            block.forward = dispatcher
+    fn.disable_guard_check()  # checked once per call by SavedRegions._call instead
+    return fn
+
+
+def _portable_guards(entries) -> list[bool]:
+    """Keep the guards on the global state (grad mode, ...) and on the tensors (inputs,
+    parameters); drop those on objects' identity and attributes, which do not survive a
+    new process. What they checked is in the file's key instead (`_structure`)."""
+    return [e.guard_type in ("GLOBAL_STATE", "SHAPE_ENV")
+            or (e.guard_type == "TENSOR_MATCH" and not e.is_global) for e in entries]
+
+
+def _load(path: Path):
+    with open(path, "rb") as f:
+        fn = torch.compiler.load_compiled_function(f)
+    fn.disable_guard_check()
+    return fn
+
+
+def _structure(block: torch.nn.Module) -> tuple:
+    """What the compiled code of a block depends on besides its inputs: each submodule's
+    class, plain attributes (sizes, heads, flags; the classes of other objects such as
+    attention processors) and parameter and buffer shapes; not the weights' values."""
+    rows = []
+    for name, module in block.named_modules():
+        attributes = tuple(sorted(
+            (k, v if isinstance(v, (int, float, str, bool, type(None))) else _qualname(type(v)))
+            for k, v in vars(module).items() if not k.startswith("_")))
+        tensors = tuple((n, tuple(t.shape), str(t.dtype), str(t.device))
+                        for n, t in [*module.named_parameters(recurse=False),
+                                     *module.named_buffers(recurse=False)] if t is not None)
+        rows.append((name, _qualname(type(module)), attributes, tensors))
+    return tuple(rows)
+
+
+def _sources_digest(block: torch.nn.Module) -> str:
+    """A digest of the source files of the block's classes and of their attributes' classes
+    (attention processors), so that changed code is compiled afresh."""
+    modules = set()
+    for module in block.modules():
+        modules.add(type(module).__module__)
+        modules.update(type(v).__module__ for k, v in vars(module).items() if not k.startswith("_"))
+    digest = hashlib.sha256()
+    for name in sorted(modules):
+        file = getattr(sys.modules.get(name), "__file__", None)
+        digest.update(name.encode() + (Path(file).read_bytes() if file and file.endswith(".py") else b""))
+    return digest.hexdigest()
+
+
+def _describe(value) -> object:
+    """A hashable description of a call's arguments: tensors by layout, not by value."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), value.stride(), str(value.dtype), str(value.device),
+                value.requires_grad)
+    if isinstance(value, (list, tuple)):
+        return tuple(_describe(v) for v in value)
+    if isinstance(value, (int, float, str, bool, type(None))):
+        return value
+    return _qualname(type(value))
+
+
+def _digest(key: tuple, block: torch.nn.Module) -> str:
+    device = next((t.device for t in block.parameters()), torch.device("cpu"))
+    system = (FORMAT, torch.__version__, diffusers.__version__,
+              torch.cuda.get_device_name(device) if device.type == "cuda" else device.type)
+    return hashlib.sha256(repr((system, key)).encode()).hexdigest()[:24]
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"

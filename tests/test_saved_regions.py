@@ -1,0 +1,185 @@
+"""The UNet's blocks compiled ahead of time and kept on disk (bentosvd.saved_regions), on
+the CPU with the demo parts.
+
+Inductor compiles C++ kernels here instead of Triton ones, but the files, their keys and
+the dispatch are the same code as on a GPU: a block is compiled once per configuration
+and input shape, a new process loads the files without tracing anything, other weights
+of the same architecture use the same files and get their own output, a damaged file is
+compiled again, shapes not warmed run eagerly, and a block that cannot be saved is
+compiled in-process instead. GPU timings are the benchmark's (docs/BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import textwrap
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from bentosvd import saved_regions
+from bentosvd.components import build_demo
+from bentosvd.cross_attention import (remove_single_token_cross_attention,
+                                      use_single_token_cross_attention)
+from bentosvd.pipeline import UNET_REGIONS, GenerationSettings, Speedups, VideoGenerator
+from tests.conftest import ROOT
+
+SETTINGS = GenerationSettings(num_frames=4, num_inference_steps=3, min_guidance_scale=1.0,
+                              max_guidance_scale=2.0, fps=7, motion_bucket_id=127,
+                              noise_aug_strength=0.02, decode_chunk_size=1, seed=0)
+IMAGE = np.random.default_rng(0).integers(0, 256, (144, 256, 3), dtype=np.uint8)
+SAVED = Speedups(single_token_cross_attention=True, compile_unet=True, compile_regions=True,
+                 save_compiled=True, compile_vae=True)
+
+
+def files(cache) -> list[str]:
+    return sorted(p.name for p in cache.glob("*.bin"))
+
+
+def assert_close(got: np.ndarray, expected: np.ndarray) -> None:
+    """Compiled CPU kernels round differently from eager ones by a unit at most."""
+    assert got.shape == expected.shape
+    assert np.abs(got.astype(int) - expected.astype(int)).max() <= 2
+
+
+def warmed(parts: dict, cache, speedups: Speedups = SAVED) -> VideoGenerator:
+    gen = VideoGenerator(parts, torch.device("cpu"), speedups, cache)
+    gen.warm_up(4, 144, 256)
+    gen.compile_new_shapes = False
+    return gen
+
+
+@pytest.fixture(scope="module")
+def eager_frames():
+    return VideoGenerator(build_demo(4), torch.device("cpu")).generate(IMAGE, SETTINGS)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory, eager_frames):
+    """The files of the demo UNet's blocks and VAE decoder for the landscape shape."""
+    cache = tmp_path_factory.mktemp("saved")
+    gen = warmed(build_demo(4), cache)
+    counts = dict(gen.saved_regions.counts)
+    # The demo UNet has 9 blocks (6 residual, 3 transformer); blocks of one configuration
+    # and input shape share a file. The decoder has one, for decoding one frame at a time.
+    assert counts == {"compiled": len(files(cache))} and 3 <= len(files(cache)) <= 10, counts
+    assert sum(name.startswith("TemporalDecoder-") for name in files(cache)) == 1
+    assert_close(gen.generate(IMAGE, SETTINGS), eager_frames)
+    return cache
+
+
+CHILD = textwrap.dedent("""
+    import json, sys
+    import numpy as np, torch
+    from torch._dynamo.utils import counters
+    from bentosvd.components import build_demo
+    from bentosvd.pipeline import Speedups, VideoGenerator
+    from tests.test_saved_regions import IMAGE, SAVED, SETTINGS
+    gen = VideoGenerator(build_demo(4), torch.device("cpu"), SAVED, sys.argv[1])
+    gen.warm_up(4, 144, 256)
+    gen.compile_new_shapes = False
+    frames = gen.generate(IMAGE, SETTINGS)
+    np.save(sys.argv[2], frames)
+    print(json.dumps({"counts": dict(gen.saved_regions.counts),
+                      "frames_traced": counters["frames"]["total"]}))
+""")
+
+
+def test_a_new_process_loads_every_block_without_tracing(cache, eager_frames, tmp_path):
+    out = tmp_path / "frames.npy"
+    done = subprocess.run([sys.executable, "-c", CHILD, str(cache), str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["counts"] == {"loaded": len(files(cache))}, report
+    assert report["frames_traced"] == 0, report  # Dynamo traced nothing: no block, no decoder
+    assert_close(np.load(out), eager_frames)
+
+
+def test_other_weights_use_the_same_files_and_get_their_own_output(cache):
+    parts = build_demo(4, seed=1)  # another checkpoint of the same architecture
+    expected = VideoGenerator(build_demo(4, seed=1), torch.device("cpu")).generate(IMAGE, SETTINGS)
+    before = files(cache)
+    gen = warmed(parts, cache)
+    assert dict(gen.saved_regions.counts) == {"loaded": len(before)}
+    assert files(cache) == before
+    assert_close(gen.generate(IMAGE, SETTINGS), expected)
+
+
+def test_a_damaged_file_is_compiled_again(cache, eager_frames, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="bentoml.svd")
+    damaged = tmp_path / "saved"
+    shutil.copytree(cache, damaged)
+    name = files(damaged)[0]
+    (damaged / name).write_bytes(b"not a compiled function")
+    gen = warmed(build_demo(4), damaged)
+    assert dict(gen.saved_regions.counts) == {"loaded": len(files(cache)) - 1, "compiled": 1}
+    assert f"could not load {damaged / name}" in caplog.text
+    saved_regions._load(damaged / name)  # replaced by a file that loads
+    assert_close(gen.generate(IMAGE, SETTINGS), eager_frames)
+
+
+def test_shapes_not_warmed_run_eagerly_and_build_nothing(cache):
+    gen = warmed(build_demo(4), cache)
+    counts, before = dict(gen.saved_regions.counts), files(cache)
+    tall = np.ascontiguousarray(IMAGE.transpose(1, 0, 2))
+    expected = VideoGenerator(build_demo(4), torch.device("cpu")).generate(tall, SETTINGS)
+    got = gen.generate(tall, SETTINGS)
+    assert dict(gen.saved_regions.counts) == counts and files(cache) == before
+    np.testing.assert_array_equal(got, expected)  # eager: the same kernels, the same bytes
+    # Another decoding_t: the decoder is called with 2 frames at a time, a shape not warmed.
+    two = replace(SETTINGS, decode_chunk_size=2)
+    expected = VideoGenerator(build_demo(4), torch.device("cpu")).generate(IMAGE, two)
+    got = gen.generate(IMAGE, two)
+    assert dict(gen.saved_regions.counts) == counts and files(cache) == before
+    assert_close(got, expected)  # the UNet's blocks compiled, the decoder eager
+
+
+def test_a_block_that_cannot_be_compiled_ahead_of_time_is_compiled_in_process(
+        eager_frames, tmp_path, monkeypatch, caplog):
+    """A torch without aot_compile, or a block it cannot capture, costs restart time only."""
+    def unsupported(*args):
+        raise RuntimeError("no aot_compile here")
+
+    monkeypatch.setattr(saved_regions, "_compile", unsupported)
+    caplog.set_level(logging.WARNING, logger="bentoml.svd")
+    torch._dynamo.reset()
+    gen = warmed(build_demo(4), tmp_path)
+    counts = dict(gen.saved_regions.counts)
+    assert set(counts) == {"in_process"} and counts["in_process"] >= 2, counts
+    assert files(tmp_path) == []
+    assert "compiling it in-process" in caplog.text
+    assert_close(gen.generate(IMAGE, SETTINGS), eager_frames)
+
+
+def test_a_file_is_per_block_configuration():
+    """Blocks differ in what their compiled code depends on (channels, attention processors):
+    each configuration gets keys of its own; the weights' values are not part of it."""
+    unet = build_demo(4)["unet"]
+    blocks = [m for m in unet.modules() if type(m).__name__ in UNET_REGIONS]
+    structures = {saved_regions._structure(b) for b in blocks}
+    assert 2 <= len(structures) < len(blocks)  # some blocks share one
+    other = [m for m in build_demo(4, seed=1)["unet"].modules() if type(m).__name__ in UNET_REGIONS]
+    assert [saved_regions._structure(b) for b in other] == [saved_regions._structure(b) for b in blocks]
+    transformer = next(b for b in blocks if type(b).__name__ == "TransformerSpatioTemporalModel")
+    before = saved_regions._structure(transformer)
+    use_single_token_cross_attention(unet)
+    assert saved_regions._structure(transformer) != before  # the processor's class counts
+    remove_single_token_cross_attention(unet)
+    assert saved_regions._structure(transformer) == before
+
+
+def test_the_fast_path_saves_its_blocks_only_where_it_has_a_cache(tmp_path):
+    assert Speedups.fast().save_compiled
+    with_cache = VideoGenerator(build_demo(4), torch.device("cpu"), Speedups.fast(), tmp_path)
+    assert with_cache.saved_regions is not None
+    without = VideoGenerator(build_demo(4), torch.device("cpu"), Speedups.fast())
+    assert without.saved_regions is None  # compiled in-process, block by block
+    blocks = [m for m in without.pipe.unet.modules() if type(m).__name__ in UNET_REGIONS]
+    assert all(m._compiled_call_impl is not None for m in blocks)
