@@ -25,7 +25,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Match, Route
 from starlette.staticfiles import StaticFiles
 
-from bentosvd.dispatch import Dispatcher, Full, RecentDuration
+from bentosvd.dispatch import Dispatcher, Full, Lines, RecentDuration
 from bentosvd.errors import PayloadTooLarge, RequestError
 from bentosvd.images import decode_upload
 from bentosvd.jobs import Job, JobStore
@@ -237,12 +237,10 @@ class SVD:
             received = False
             stream = self.workers[index].to_async.generate(**kwargs)
             try:
-                buffer = ""
+                lines = Lines()
                 async for chunk in stream:
                     received = True
-                    buffer += chunk
-                    *lines, buffer = buffer.split("\n")
-                    for line in lines:
+                    for line in lines.feed(chunk):
                         event = json.loads(line)
                         if event["event"] == "done":
                             return event

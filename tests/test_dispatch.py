@@ -77,3 +77,33 @@ def test_job_json_says_where_it_is():
     job2 = Job(seed=1, format="mp4", total_steps=2)
     job2.fail(504, {"error": "Gateway Timeout", "message": "late"})
     assert job2.to_json()["status"] == "failed" and job2.to_json()["error"]["message"] == "late"
+
+
+def test_lines_come_out_whole_however_the_stream_is_chunked():
+    """The worker's events (small steps, then a ~4 MB video line) arrive in chunks of any
+    size, cut anywhere, also right after a newline."""
+    import json
+    import random
+
+    from bentosvd.dispatch import Lines
+
+    events = [json.dumps({"event": "step", "step": i}) for i in range(25)]
+    events.append(json.dumps({"event": "done", "video": "A" * 4_000_000}))
+    text = "\n".join(events) + "\n"
+    rng = random.Random(0)
+    chunkings = {
+        "BentoML's 8 KB": lambda: 8192,
+        "all at once": lambda: len(text),
+        "random": lambda: rng.randint(1, 50_000),
+    }
+    for name, size in chunkings.items():
+        lines, got, i = Lines(), [], 0
+        while i < len(text):
+            n = size()
+            got.extend(lines.feed(text[i:i + n]))
+            i += n
+        assert got == events, name
+    lines = Lines()
+    assert lines.feed("no newline yet") == []
+    assert lines.feed(" a\n") == ["no newline yet a"]
+    assert lines.feed("\n") == [""] and lines.feed("b") == [] and lines.feed("c\nd") == ["bc"]
