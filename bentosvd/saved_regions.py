@@ -2,9 +2,10 @@
 
 Compiled block by block (`compile_regions`), a restart still traces every block (and the
 decoder) again with Dynamo while Inductor's cache hands back the kernels: 14-18 s per
-image orientation on H100 and H200 machines, half of a restart. torch.compile's `aot_compile` (torch 2.10+) instead
-captures a block's forward once (Dynamo's bytecode and guards together with Inductor's
-compiled code) into a file that a new process loads in milliseconds, without tracing.
+image orientation on H100 and H200 machines, half of a restart. torch.compile's
+`aot_compile` instead captures a block's forward once (Dynamo's bytecode and guards with
+Inductor's compiled code) into a file that a new process loads without tracing: both
+orientations then warmed up in 14.5 s instead of about 32 (H100, docs/BENCHMARKS.md).
 
 One file per block class, block configuration and input shapes: blocks of one class and
 configuration share it, as their compiled code is the same; the weights are not in it
@@ -74,7 +75,9 @@ class SavedRegions:
             return type(block).forward(block, *args, **kwargs)
         if guarded and not fn.guard_check(block, *args, **kwargs):
             # The key covers what the guards check; this is a safety net, not a path.
-            logger.warning("the compiled %s rejected its inputs; it runs eagerly", type(block).__name__)
+            logger.warning("the compiled %s rejected its inputs; these run eagerly from now on",
+                           type(block).__name__)
+            self._functions[key] = (None, False)
             return type(block).forward(block, *args, **kwargs)
         return fn(block, *args, **kwargs)
 

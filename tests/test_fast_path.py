@@ -128,3 +128,31 @@ def test_the_decoder_runs_compiled_only_for_the_warmed_decoding_t(monkeypatch):
         assert eager_calls == eager_decodes, decoding_t
         assert np.abs(got.astype(int) - eager.generate(image, settings).astype(int)).max() <= 2
     assert counters["stats"]["unique_graphs"] == graphs  # no request compiled anything
+
+
+def test_a_restart_loads_the_compiled_blocks_instead_of_compiling(start_server, tmp_path,
+                                                                   test_image):
+    """The fast path keeps the UNet's blocks and the decoder compiled ahead of time in
+    COMPILE_CACHE_DIR/aot: a second server with the same cache loads them all (nothing
+    compiled, nothing traced by Dynamo) and gives the same video for the same seed."""
+    import re
+
+    env = dict(FAST_PATH="true", WARMUP='["landscape"]', COMPILE_CACHE_DIR=str(tmp_path / "cache"),
+               TORCH_LOGS="recompiles")
+    videos, logs = [], []
+    for start in ("first", "restart"):
+        server = start_server(wait=False, **env)
+        server.wait_ready(timeout=600)
+        response = post(server, test_image, {"seed": 3})
+        assert response.status_code == 200, response.text
+        assert_video(response.content, frames=DEMO.num_frames, fps=7, size=(DEMO.width, DEMO.height))
+        videos.append(response.content)
+        logs.append(server.log.read_text(errors="replace"))
+        server.stop()
+    first = re.search(r"warmed up landscape \(256x144\) in [\d.]+ s \(compiled blocks: (\d+) compiled\)", logs[0])
+    again = re.search(r"warmed up landscape \(256x144\) in [\d.]+ s \(compiled blocks: (\d+) loaded\)", logs[1])
+    assert first and again, (logs[0][-3000:], logs[1][-3000:])
+    assert again[1] == first[1] and int(first[1]) >= 3  # UNet blocks and the decoder
+    assert "ahead of time in" not in logs[1] and "Recompiling" not in logs[1]
+    assert len(list((tmp_path / "cache" / "aot").glob("*.bin"))) == int(first[1])
+    assert videos[1] == videos[0]  # the loaded code computes what the compiled code did

@@ -183,3 +183,21 @@ def test_the_fast_path_saves_its_blocks_only_where_it_has_a_cache(tmp_path):
     assert without.saved_regions is None  # compiled in-process, block by block
     blocks = [m for m in without.pipe.unet.modules() if type(m).__name__ in UNET_REGIONS]
     assert all(m._compiled_call_impl is not None for m in blocks)
+
+
+def test_a_call_its_guards_reject_runs_eagerly(cache, eager_frames, caplog):
+    """The key covers what the saved guards check, so this does not happen in practice;
+    should a guard still reject a call, that block runs eagerly, said once in the log."""
+    caplog.set_level(logging.WARNING, logger="bentoml.svd")
+    gen = warmed(build_demo(4), cache)
+    rejecting = 0
+    for fn, guarded in gen.saved_regions._functions.values():
+        if guarded:
+            fn.guard_check = lambda *args, **kwargs: False
+            rejecting += 1
+    assert rejecting >= 3
+    np.testing.assert_array_equal(gen.generate(IMAGE, SETTINGS),
+                                  VideoGenerator(build_demo(4), torch.device("cpu")).generate(IMAGE, SETTINGS))
+    assert caplog.text.count("rejected its inputs") == rejecting
+    assert_close(gen.generate(IMAGE, SETTINGS), eager_frames)
+    assert caplog.text.count("rejected its inputs") == rejecting  # said once per compiled shape
