@@ -56,8 +56,6 @@ MODES = {
     "fast_in_process": replace(Speedups.fast(), save_compiled=False),  # blocks compiled in-process
     "fast_whole": replace(Speedups.fast(), compile_regions=False),  # the UNet as one graph
     "fast_cudagraphs": replace(Speedups.fast(), compile_regions=False, cuda_graphs=True),
-    "aot": Speedups(aot_unet=True),  # AOTInductor packages (bentosvd/aot.py)
-    "aot_cudagraphs": Speedups(aot_unet=True, cuda_graphs=True),
     "fp8_eager": Speedups(fp8=True),
     # Step caching (bentosvd/stepcache.py): changes the output, its PSNR is the deviation.
     "step_cache2": replace(Speedups.fast(), step_cache=2),
@@ -256,7 +254,7 @@ def bench_pipeline(args, device, dtype, save=lambda r: None) -> dict:
             mode_parts = dict(parts)
             if speedups.fp8:  # quantizing is in place: keep the shared fp16 UNet intact
                 mode_parts["unet"] = copy.deepcopy(parts["unet"])
-            gen = VideoGenerator(mode_parts, device, speedups, aot_cache())
+            gen = VideoGenerator(mode_parts, device, speedups, saved_cache())
             r = measure(gen, image, settings, args.repeats)
         except Exception as e:  # one failing mode must not lose the others' numbers
             result["modes"][name] = {"error": repr(e)}
@@ -284,14 +282,14 @@ def bench_pipeline(args, device, dtype, save=lambda r: None) -> dict:
     return result
 
 
-def aot_cache() -> Path:
-    """The ahead-of-time compiled packages: inside Inductor's cache, as the server keeps them."""
+def saved_cache() -> Path:
+    """Where compiled blocks are saved: inside Inductor's cache, as the server keeps them."""
     return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) / "aot"
 
 
 def undo(gen: VideoGenerator, parts: dict, speedups: Speedups, device) -> None:
     """Give the next mode the plain parts back (compiled wrappers, offload hooks removed)."""
-    parts["unet"].__dict__.pop("forward", None)  # the AOT dispatcher's or the step cache's
+    parts["unet"].__dict__.pop("forward", None)  # the step cache's
     if gen.saved_regions is not None:
         gen.saved_regions.remove()
     remove_single_token_cross_attention(parts["unet"])

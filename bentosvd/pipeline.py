@@ -23,7 +23,6 @@ from PIL import Image
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
-from bentosvd.aot import AotUNet
 from bentosvd.cross_attention import use_single_token_cross_attention
 from bentosvd.generation import GenerationSettings
 from bentosvd.saved_regions import SavedRegions
@@ -108,13 +107,9 @@ class Speedups:
         `bentosvd.saved_regions`) into a file in cache_dir that a restart loads in
         milliseconds instead of tracing it again (not with cuda_graphs, whose compiled
         graphs stay in-process).
-    aot_unet: the UNet compiled ahead of time (AOTInductor, `bentosvd.aot`): one package per
-        shape, compiled on its first call (minutes) into `cache_dir` and loaded from there
-        in seconds by every later process (not on CUDA under torch 2.11: loading crashed).
-    cuda_graphs: the compiled UNet replays each step as a CUDA graph, so the CPU no longer
-        launches its kernels one by one. With aot_unet the graph is recorded by hand; with
-        compile_unet it is Inductor's "reduce-overhead", whose graphs belong to the thread
-        that recorded them.
+    cuda_graphs: the compiled UNet replays each step as a CUDA graph (Inductor's
+        "reduce-overhead"), so the CPU no longer launches its kernels one by one; the
+        graphs belong to the thread that recorded them.
     low_memory: keep each model on the GPU only while it runs and run the UNet's
         feed-forward layers one frame at a time: slower, for GPUs with 8 GiB.
     fp8: the UNet's attention and feed-forward matmuls in FP8 (torchao, dynamic scales;
@@ -135,7 +130,6 @@ class Speedups:
     low_memory: bool = False
     fp8: bool = False
     cuda_graphs: bool = False
-    aot_unet: bool = False
     step_cache: int = 0
 
     def __post_init__(self):
@@ -143,26 +137,18 @@ class Speedups:
             raise ValueError(f"step_cache must be 0 (off) or 2 or more, got {self.step_cache}")
         if self.step_cache and self.cuda_graphs:
             raise ValueError("step_cache cannot be combined with cuda_graphs")
-        # The AOT package replaces the UNet's forward: torch.compile would trace through it,
-        # torchao's FP8 tensors do not export, offloading moves the weights it holds, and
-        # the step cache replaces the same forward.
-        clashes = [name for name in ("compile_unet", "fp8", "low_memory", "step_cache")
-                   if getattr(self, name)]
-        if self.aot_unet and clashes:
-            raise ValueError(f"aot_unet cannot be combined with {', '.join(clashes)}")
 
     @classmethod
     def fast(cls) -> Speedups:
         # Measured on an H100 (docs/BENCHMARKS.md): channels_last + cuDNN attention made
         # eager fp16 10% slower and gave a compiled UNet nothing (331 vs 332 TFLOP/s), so
         # the default fast path is the compiled UNet alone. CUDA graphs gave it nothing
-        # (14.05 vs 14.06 s on an H200: launches are not its bottleneck), and the ahead-of-time
-        # compiled UNet could not be loaded on CUDA there (docs/BENCHMARKS.md). Compiled
-        # block by block, its steps took 0.4% longer than as one graph (H200) and a
-        # restart's warm-up of both orientations 22.7 s instead of 44.5 s. The compiled
-        # decoder takes a frame in 33 ms instead of 85 ms (H200, docs/bench/kernels_probe.py).
-        # The single-token cross-attention took the 25 steps from 12.10 to 11.05 s (H100).
-        # Saved block by block, a restart loads the UNet's compiled code instead of tracing it.
+        # (14.05 vs 14.06 s on an H200: launches are not its bottleneck). Compiled block by
+        # block, its steps took 0.4% longer than as one graph (H200), and saved block by
+        # block a restart loads them: both orientations warmed up in 14.5 s (H100) instead
+        # of 44.5 s as one graph, traced again. The compiled decoder takes a frame in 33 ms
+        # instead of 85 ms (H200, docs/bench/kernels_probe.py). The single-token
+        # cross-attention took the 25 steps from 12.10 to 11.05 s (H100).
         return cls(single_token_cross_attention=True, compile_unet=True, compile_regions=True,
                    save_compiled=True, compile_vae=True)
 
@@ -216,7 +202,7 @@ class VideoGenerator:
             blocks = [m for m in unet.modules() if type(m).__name__ in UNET_REGIONS]
             if speedups.compile_vae:
                 blocks.append(vae.decoder)
-            # Built only while new shapes may compile (the warm-up), as the AOT UNet.
+            # Built only while new shapes may compile (the warm-up).
             self.saved_regions = SavedRegions(blocks, cache_dir,
                                               may_build=lambda: self.compile_new_shapes)
         elif regions:
@@ -228,13 +214,6 @@ class VideoGenerator:
             self.step_cache = StepCache(unet, speedups.step_cache, compile=whole)
         elif whole:
             unet.compile(dynamic=False, mode=mode)
-        self.aot = None
-        if speedups.aot_unet:
-            if cache_dir is None:
-                raise ValueError("aot_unet needs a cache_dir for its compiled packages")
-            # Packages are built only while new shapes may compile (the warm-up).
-            self.aot = AotUNet(unet, cache_dir, cuda_graphs=speedups.cuda_graphs,
-                               may_build=lambda: self.compile_new_shapes)
         if speedups.compile_vae and self.saved_regions is None:
             vae.decoder.compile(dynamic=False)
         if speedups.low_memory and device.type == "cuda":

@@ -103,7 +103,6 @@ def test_the_compiled_passes_match_the_eager_ones(regions):
 
 @pytest.mark.parametrize("speedups, message", [
     (dict(step_cache=1), "step_cache must be 0"),
-    (dict(step_cache=2, aot_unet=True), "aot_unet cannot be combined with step_cache"),
     (dict(step_cache=2, cuda_graphs=True), "step_cache cannot be combined with cuda_graphs"),
 ])
 def test_settings_that_cannot_work_are_refused(speedups, message):
