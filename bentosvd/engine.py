@@ -80,7 +80,8 @@ class Engine:
         speedups = speedups_for(settings, device)
         self.on_gpu = device.startswith("cuda")
         started = time.perf_counter()
-        # Compiled code saved ahead of time (the UNet's blocks) lives beside Inductor's cache.
+        # Code compiled ahead of time (the UNet's blocks, the decoder) is kept beside
+        # Inductor's cache.
         cache_dir = Path(os.path.expanduser(settings.compile_cache_dir)) / "aot"
         self.generator = VideoGenerator.load(pipeline_dir, image_encoder_dir, device=device,
                                              dtype=settings.dtype, speedups=speedups,

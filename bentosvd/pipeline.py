@@ -105,8 +105,8 @@ class Speedups:
     save_compiled: with compile_regions and a cache_dir, each block (and, with compile_vae,
         the decoder) is compiled ahead of time (torch.compile's aot_compile,
         `bentosvd.saved_regions`) into a file in cache_dir that a restart loads in
-        milliseconds instead of tracing it again (not with cuda_graphs, whose compiled
-        graphs stay in-process).
+        milliseconds instead of tracing it again (not with cuda_graphs or fp8: those
+        compile in-process).
     cuda_graphs: the compiled UNet replays each step as a CUDA graph (Inductor's
         "reduce-overhead"), so the CPU no longer launches its kernels one by one; the
         graphs belong to the thread that recorded them.
@@ -198,7 +198,10 @@ class VideoGenerator:
         mode = "reduce-overhead" if speedups.cuda_graphs else None
         regions = speedups.compile_unet and speedups.compile_regions
         self.saved_regions = None
-        if regions and speedups.save_compiled and cache_dir is not None and not speedups.cuda_graphs:
+        # Not with CUDA graphs (their graphs stay in the process) nor with torchao's FP8
+        # tensors (never tried through aot_compile): those compile in-process, as measured.
+        saved = speedups.save_compiled and not (speedups.cuda_graphs or speedups.fp8)
+        if regions and saved and cache_dir is not None:
             blocks = [m for m in unet.modules() if type(m).__name__ in UNET_REGIONS]
             if speedups.compile_vae:
                 blocks.append(vae.decoder)

@@ -183,6 +183,10 @@ def test_the_fast_path_saves_its_blocks_only_where_it_has_a_cache(tmp_path):
     assert without.saved_regions is None  # compiled in-process, block by block
     blocks = [m for m in without.pipe.unet.modules() if type(m).__name__ in UNET_REGIONS]
     assert all(m._compiled_call_impl is not None for m in blocks)
+    # CUDA graphs stay in the process that recorded them: those blocks compile in-process.
+    graphs = VideoGenerator(build_demo(4), torch.device("cpu"), replace(Speedups.fast(), cuda_graphs=True),
+                            tmp_path)
+    assert graphs.saved_regions is None
 
 
 def test_a_call_its_guards_reject_runs_eagerly(cache, eager_frames, caplog):
