@@ -205,3 +205,15 @@ def test_a_call_its_guards_reject_runs_eagerly(cache, eager_frames, caplog):
     assert caplog.text.count("rejected its inputs") == rejecting
     assert_close(gen.generate(IMAGE, SETTINGS), eager_frames)
     assert caplog.text.count("rejected its inputs") == rejecting  # said once per compiled shape
+
+
+def test_step_caching_runs_on_the_saved_blocks(tmp_path):
+    """STEP_CACHE's shallow steps call the outer blocks with the shapes a whole step does:
+    the saved blocks serve both, and the video is step caching's own."""
+    settings = replace(SETTINGS, num_inference_steps=4)
+    expected = VideoGenerator(build_demo(4), torch.device("cpu"), Speedups(step_cache=2)).generate(IMAGE, settings)
+    gen = warmed(build_demo(4), tmp_path, replace(SAVED, step_cache=2))
+    counts = dict(gen.saved_regions.counts)
+    assert set(counts) == {"compiled"}
+    assert_close(gen.generate(IMAGE, settings), expected)
+    assert dict(gen.saved_regions.counts) == counts  # nothing built in the request
