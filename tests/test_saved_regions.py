@@ -217,3 +217,16 @@ def test_step_caching_runs_on_the_saved_blocks(tmp_path):
     assert set(counts) == {"compiled"}
     assert_close(gen.generate(IMAGE, settings), expected)
     assert dict(gen.saved_regions.counts) == counts  # nothing built in the request
+
+
+def test_a_cache_that_cannot_be_written_costs_restart_time_only(tmp_path, eager_frames, caplog):
+    """COMPILE_CACHE_DIR on a full or read-only volume: the blocks still compile and run,
+    the log says why nothing was kept, and nothing is left half-written."""
+    caplog.set_level(logging.WARNING, logger="bentoml.svd")
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the cache folder should be")
+    gen = warmed(build_demo(4), blocked)
+    assert dict(gen.saved_regions.counts)["compiled"] >= 3
+    assert "could not save the compiled" in caplog.text
+    assert_close(gen.generate(IMAGE, SETTINGS), eager_frames)
+    assert [p.name for p in tmp_path.iterdir()] == ["not-a-folder"]
