@@ -546,7 +546,7 @@ def environment(device) -> dict:
 
 def table(result: dict) -> str:
     if "pipeline" not in result:
-        return "\n".join(f"server, {k}: ready {r['ready_s']:.1f} s, latency {r['latency_s']:.2f} s"
+        return "\n".join(f"server, {k}: ready {r['ready_s']:.1f} s{_startup(r)}, latency {r['latency_s']:.2f} s"
                          for k, r in result.get("server", {}).items() if k != "oom_check")
     vanilla_s = result["pipeline"]["vanilla"]["seconds"]
     lines = ["| run | seconds | vs vanilla | image encode | UNet steps | VAE decode | video encode | peak GiB | UNet TFLOP/s | min PSNR vs eager |",
@@ -565,9 +565,19 @@ def table(result: dict) -> str:
     for kind, r in result.get("server", {}).items():
         if kind == "oom_check":
             continue
-        lines.append(f"| (c) server, {kind.replace('_', ' ')} | {r['latency_s']:.2f} | "
+        lines.append(f"| (c) server, {kind.replace('_', ' ')}: ready {r['ready_s']:.1f} s"
+                     f"{_startup(r)} | {r['latency_s']:.2f} | "
                      f"{vanilla_s / r['latency_s']:.2f}× | | | | | | | |")
     return "\n".join(lines)
+
+
+def _startup(server_start: dict) -> str:
+    """Where a start's time went, as far as the worker's log said: " (imports 14.3 s, ...)"."""
+    phases = server_start.get("startup", {})
+    parts = [f"{name} {phases[key]:.1f} s" for name, key in (("imports", "imported_s"), ("load", "loaded_s"))
+             if key in phases]
+    parts += [f"warm-up {shape} {seconds:.1f} s" for shape, seconds in phases.get("warmed_s", {}).items()]
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def _num(x) -> str:

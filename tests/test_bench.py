@@ -68,3 +68,17 @@ def test_a_bench_stopped_mid_run_stops_the_server_it_started(tmp_path):
     assert bench.wait(120) == 128 + 15
     _, alive = psutil.wait_procs(family, timeout=60)
     assert not alive, [p.cmdline() for p in alive]
+
+
+def test_the_table_says_where_each_server_start_went():
+    from bentosvd.bench import table
+
+    start = {"ready_s": 34.66, "latency_s": 12.5605,
+             "startup": {"imported_s": 14.3, "loaded_s": 1.8,
+                         "warmed_s": {"landscape": 10.2, "portrait": 5.1}}}
+    assert table({"server": {"warm_cache": start}}) == (
+        "server, warm_cache: ready 34.7 s (imports 14.3 s, load 1.8 s, warm-up landscape "
+        "10.2 s, warm-up portrait 5.1 s), latency 12.56 s")
+    # A start whose log said nothing (cut short) still gets its line.
+    assert table({"server": {"cold_cache": {"ready_s": 5.0, "latency_s": 1.0}}}) == (
+        "server, cold_cache: ready 5.0 s, latency 1.00 s")
