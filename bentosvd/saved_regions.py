@@ -10,9 +10,9 @@ orientations then warmed up in 14.5 s instead of about 32 (H100, docs/BENCHMARKS
 One file per block class, block configuration and input shapes: blocks of one class and
 configuration share it, as their compiled code is the same; the weights are not in it
 (they are read from the block at each call). The file's name also covers the versions of
-torch and diffusers, the device and the source of the classes involved, so that an
-upgrade compiles afresh instead of loading stale code; a file that cannot be loaded is
-compiled again and replaced.
+torch, CUDA, Triton and diffusers, the GPU and the source of the classes involved, so
+that an upgrade compiles afresh instead of loading stale code; a file that cannot be
+loaded, or whose code fails on its first call, is compiled again and replaced.
 
 Each call still checks the compiled code's guards (grad mode, input strides, parameter
 shapes); a call they reject, like any input shape not compiled while `may_build()` says
@@ -23,13 +23,14 @@ that `aot_compile` cannot capture (or a torch without it) is compiled in-process
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib.metadata
 import logging
 import sys
 import time
 from collections import Counter
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 
 import diffusers
@@ -57,7 +58,7 @@ class SavedRegions:
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 128)
         for block in self._blocks:
             identity = (_structure(block), _sources_digest(block))
-            block.forward = partial(self._call, block, identity)  # the class's forward stays eager
+            block.forward = functools.partial(self._call, block, identity)  # the class's forward stays eager
 
     def remove(self) -> None:
         """Give the blocks their own forward back."""
@@ -89,11 +90,17 @@ class SavedRegions:
         if path.exists():
             try:
                 fn = _load(path)
+                # Run once before it is trusted: kernels built for another driver or GPU
+                # setup load but fail here, where compiling again still helps.
+                fn(block, *args, **kwargs)
                 self.counts["loaded"] += 1
                 logger.debug("loaded the compiled %s from %s", name, path)
                 return fn, True
+            except torch.cuda.OutOfMemoryError:
+                raise
             except Exception as e:
-                logger.warning("could not load %s (%s); compiling it again", path, e)
+                logger.warning("could not load %s (%s: %s); compiling it again", path,
+                               type(e).__name__, str(e).strip().split("\n")[0][:300])
         started = time.perf_counter()
         try:
             fn = _compile(block, args, kwargs)
@@ -195,9 +202,19 @@ def _describe(value) -> object:
 
 def _digest(key: tuple, block: torch.nn.Module) -> str:
     device = next((t.device for t in block.parameters()), torch.device("cpu"))
-    system = (FORMAT, torch.__version__, diffusers.__version__,
+    system = (FORMAT, torch.__version__, diffusers.__version__, torch.version.cuda,
+              _installed_version("triton"),
               torch.cuda.get_device_name(device) if device.type == "cuda" else device.type)
     return hashlib.sha256(repr((system, key)).encode()).hexdigest()[:24]
+
+
+@functools.cache
+def _installed_version(package: str) -> str | None:
+    """The package's installed version (whether imported yet or not), or None."""
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def _qualname(cls: type) -> str:

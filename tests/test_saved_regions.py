@@ -230,3 +230,28 @@ def test_a_cache_that_cannot_be_written_costs_restart_time_only(tmp_path, eager_
     assert "could not save the compiled" in caplog.text
     assert_close(gen.generate(IMAGE, SETTINGS), eager_frames)
     assert [p.name for p in tmp_path.iterdir()] == ["not-a-folder"]
+
+
+def test_a_file_whose_code_fails_on_its_first_call_is_compiled_again(cache, eager_frames, tmp_path,
+                                                                      monkeypatch, caplog):
+    """Kernels built for another driver or GPU set-up can load and then fail when run (the
+    GPU is not here to show it): such a file is compiled again, not trusted."""
+    caplog.set_level(logging.WARNING, logger="bentoml.svd")
+    copy = tmp_path / "saved"
+    shutil.copytree(cache, copy)
+    load = saved_regions._load
+
+    def load_broken(path):
+        load(path)  # the file itself is sound
+
+        def fails(*args, **kwargs):
+            raise RuntimeError("CUDA error: device kernel image is invalid")
+        return fails
+
+    monkeypatch.setattr(saved_regions, "_load", load_broken)
+    gen = warmed(build_demo(4), copy)
+    assert dict(gen.saved_regions.counts) == {"compiled": len(files(cache))}
+    assert caplog.text.count("device kernel image is invalid); compiling it again") == len(files(cache))
+    monkeypatch.setattr(saved_regions, "_load", load)
+    assert_close(gen.generate(IMAGE, SETTINGS), eager_frames)
+    assert dict(warmed(build_demo(4), copy).saved_regions.counts) == {"loaded": len(files(cache))}
