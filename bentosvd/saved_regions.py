@@ -90,8 +90,10 @@ class SavedRegions:
         if path.exists():
             try:
                 fn = _load(path)
+                if not fn.guard_check(block, *args, **kwargs):
+                    raise RuntimeError("its guards reject these inputs")
                 # Run once before it is trusted: kernels built for another driver or GPU
-                # setup load but fail here, where compiling again still helps.
+                # set-up load but fail here, where compiling again still helps.
                 fn(block, *args, **kwargs)
                 self.counts["loaded"] += 1
                 logger.debug("loaded the compiled %s from %s", name, path)
