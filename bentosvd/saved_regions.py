@@ -5,7 +5,8 @@ decoder) again with Dynamo while Inductor's cache hands back the kernels: 14-18 
 image orientation on H100 and H200 machines, half of a restart. torch.compile's
 `aot_compile` instead captures a block's forward once (Dynamo's bytecode and guards with
 Inductor's compiled code) into a file that a new process loads without tracing: both
-orientations then warmed up in 14.5 s instead of about 32 (H100, docs/BENCHMARKS.md).
+orientations then warmed up in 14.5-15.3 s on an H100 (runs u, v), where tracing them took
+32 s on an H200 (run q; docs/BENCHMARKS.md).
 
 One file per block class, block configuration and input shapes: blocks of one class and
 configuration share it, as their compiled code is the same; the weights are not in it
