@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from bentosvd import saved_regions
 from bentosvd.components import build_demo, build_synthetic
 from bentosvd.cross_attention import remove_single_token_cross_attention
 from bentosvd.generation import GenerationSettings
@@ -254,7 +255,9 @@ def bench_pipeline(args, device, dtype, save=lambda r: None) -> dict:
             mode_parts = dict(parts)
             if speedups.fp8:  # quantizing is in place: keep the shared fp16 UNet intact
                 mode_parts["unet"] = copy.deepcopy(parts["unet"])
-            gen = VideoGenerator(mode_parts, device, speedups, saved_cache())
+            # Compiled blocks kept inside Inductor's cache, as the server keeps them.
+            gen = VideoGenerator(mode_parts, device, speedups,
+                                 saved_regions.folder(os.environ["TORCHINDUCTOR_CACHE_DIR"]))
             r = measure(gen, image, settings, args.repeats)
         except Exception as e:  # one failing mode must not lose the others' numbers
             result["modes"][name] = {"error": repr(e)}
@@ -280,11 +283,6 @@ def bench_pipeline(args, device, dtype, save=lambda r: None) -> dict:
     if args.sweep:
         result["sweep"] = sweep(parts, image, settings, device, args)
     return result
-
-
-def saved_cache() -> Path:
-    """Where compiled blocks are saved: inside Inductor's cache, as the server keeps them."""
-    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) / "aot"
 
 
 def undo(gen: VideoGenerator, parts: dict, speedups: Speedups, device) -> None:

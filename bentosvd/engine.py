@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bentosvd import saved_regions
 from bentosvd.generation import GenerationSettings
 from bentosvd.pipeline import Speedups, VideoGenerator
 from bentosvd.video import boomerang, encode_video, interpolate
@@ -80,12 +81,9 @@ class Engine:
         speedups = speedups_for(settings, device)
         self.on_gpu = device.startswith("cuda")
         started = time.perf_counter()
-        # Code compiled ahead of time (the UNet's blocks, the decoder) is kept beside
-        # Inductor's cache.
-        cache_dir = Path(os.path.expanduser(settings.compile_cache_dir)) / "aot"
         self.generator = VideoGenerator.load(pipeline_dir, image_encoder_dir, device=device,
                                              dtype=settings.dtype, speedups=speedups,
-                                             cache_dir=cache_dir)
+                                             cache_dir=saved_regions.folder(settings.compile_cache_dir))
         logger.info("loaded %s (%s) on %s in %.1f s with %s", name, variant.description, device,
                     time.perf_counter() - started, speedups)
         if speedups.compile_unet:

@@ -58,7 +58,8 @@ class SavedRegions:
         # The in-process fallback keeps one compiled version per class and shape.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 128)
         for block in self._blocks:
-            identity = (_structure(block), _sources_digest(block))
+            # What the block's compiled code depends on besides its inputs, digested once.
+            identity = _hash(repr((_structure(block), _sources_digest(block))))
             block.forward = functools.partial(self._call, block, identity)  # the class's forward stays eager
 
     def remove(self) -> None:
@@ -66,7 +67,7 @@ class SavedRegions:
         for block in self._blocks:
             block.__dict__.pop("forward", None)
 
-    def _call(self, block: torch.nn.Module, identity: tuple, *args, **kwargs):
+    def _call(self, block: torch.nn.Module, identity: str, *args, **kwargs):
         key = (identity, _describe(args), _describe(sorted(kwargs.items())), torch.is_grad_enabled())
         if key not in self._functions:
             if not self.may_build():
@@ -184,11 +185,18 @@ def _sources_digest(block: torch.nn.Module) -> str:
     for module in block.modules():
         modules.add(type(module).__module__)
         modules.update(type(v).__module__ for k, v in vars(module).items() if not k.startswith("_"))
-    digest = hashlib.sha256()
-    for name in sorted(modules):
-        file = getattr(sys.modules.get(name), "__file__", None)
-        digest.update(name.encode() + (Path(file).read_bytes() if file and file.endswith(".py") else b""))
-    return digest.hexdigest()
+    return _hash(" ".join(f"{name}:{_module_source_digest(name)}" for name in sorted(modules)))
+
+
+@functools.cache
+def _module_source_digest(name: str) -> str:
+    """A digest of a loaded module's source file (read once per process), or of nothing."""
+    file = getattr(sys.modules.get(name), "__file__", None)
+    return hashlib.sha256(Path(file).read_bytes() if file and file.endswith(".py") else b"").hexdigest()
+
+
+def _hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _describe(value) -> object:
@@ -208,7 +216,7 @@ def _digest(key: tuple, block: torch.nn.Module) -> str:
     system = (FORMAT, torch.__version__, diffusers.__version__, torch.version.cuda,
               _installed_version("triton"),
               torch.cuda.get_device_name(device) if device.type == "cuda" else device.type)
-    return hashlib.sha256(repr((system, key)).encode()).hexdigest()[:24]
+    return _hash(repr((system, key)))[:24]
 
 
 @functools.cache
@@ -218,6 +226,11 @@ def _installed_version(package: str) -> str | None:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
         return None
+
+
+def folder(compile_cache_dir: str | Path) -> Path:
+    """Where the compiled blocks are kept: a folder of torch.compile's own cache."""
+    return Path(compile_cache_dir).expanduser() / "aot"
 
 
 def _qualname(cls: type) -> str:
