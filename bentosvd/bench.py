@@ -41,6 +41,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from bentosvd import saved_regions
 from bentosvd.components import build_demo, build_synthetic
 from bentosvd.cross_attention import remove_single_token_cross_attention
+from bentosvd.temporal_attention import remove_efficient_temporal_attention
 from bentosvd.generation import GenerationSettings
 from bentosvd.pipeline import Speedups, VideoGenerator, sync
 from bentosvd.video import encode_mp4
@@ -55,6 +56,8 @@ MODES = {
     # every cross-attention computed in full (the default up to run l)
     "fast_full_cross_attention": replace(Speedups.fast(), single_token_cross_attention=False),
     "fast_in_process": replace(Speedups.fast(), save_compiled=False),  # blocks compiled in-process
+    # the temporal self-attention on cuDNN's kernel too (the default up to run z)
+    "fast_cudnn_temporal_attention": replace(Speedups.fast(), efficient_temporal_attention=False),
     "fast_whole": replace(Speedups.fast(), compile_regions=False),  # the UNet as one graph
     "fast_cudagraphs": replace(Speedups.fast(), compile_regions=False, cuda_graphs=True),
     "fp8_eager": Speedups(fp8=True),
@@ -291,6 +294,7 @@ def undo(gen: VideoGenerator, parts: dict, speedups: Speedups, device) -> None:
     if gen.saved_regions is not None:
         gen.saved_regions.remove()
     remove_single_token_cross_attention(parts["unet"])
+    remove_efficient_temporal_attention(parts["unet"])
     if speedups.low_memory:
         gen.pipe.remove_all_hooks()
         for m in parts["unet"].modules():  # forward chunking off again

@@ -22,6 +22,7 @@ import sys
 import time
 
 import torch
+from cuda_timing import timed_ms
 
 from bentosvd.components import build_synthetic
 from bentosvd.cross_attention import use_single_token_cross_attention
@@ -31,17 +32,9 @@ results: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__
 
 
 def timed(fn, repeats=5, warmup=2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1000)
-    return sorted(times)[len(times) // 2]
+    """Median seconds (CUDA events)."""
+    return timed_ms(fn, repeats, warmup) / 1000
+
 
 
 def top_kernels(fn, n=25) -> list:
