@@ -41,9 +41,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from bentosvd import saved_regions
 from bentosvd.components import build_demo, build_synthetic
 from bentosvd.cross_attention import remove_single_token_cross_attention
-from bentosvd.temporal_attention import remove_efficient_temporal_attention
 from bentosvd.generation import GenerationSettings
 from bentosvd.pipeline import Speedups, VideoGenerator, sync
+from bentosvd.temporal_attention import remove_efficient_temporal_attention
 from bentosvd.video import encode_mp4
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -24,10 +24,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
 from bentosvd.cross_attention import use_single_token_cross_attention
-from bentosvd.temporal_attention import use_efficient_temporal_attention
 from bentosvd.generation import GenerationSettings
 from bentosvd.saved_regions import SavedRegions
 from bentosvd.stepcache import StepCache
+from bentosvd.temporal_attention import use_efficient_temporal_attention
 
 # Folders inside the variant's model directory; the image encoder has a model of its own.
 PIPELINE_PARTS = ("unet", "vae", "scheduler", "feature_extractor")
