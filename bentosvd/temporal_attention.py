@@ -6,9 +6,9 @@ which torch tries first on Hopper and which is the fastest for the spatial layer
 sequences (453-470 TFLOP/s at 9216 and 2304 tokens on an H100, against 288-315 for
 FlashAttention 2), pads each of these short sequences to its large tiles. The
 memory-efficient kernel's smaller tiles waste less: the 16 temporal self-attention layers
-of a guided step took 9.2 ms instead of 14.0 ms, and the outermost transformer block,
-compiled ahead of time as the fast path does, 29.8 ms instead of 30.2 ms (H100, run z;
-docs/bench/attention_probe.py, docs/BENCHMARKS.md): about 0.1 s a request.
+of a guided step took 9.2 ms instead of 14.0 ms, and the whole step, compiled block by
+block, 436.5 ms instead of 440.8 ms (H100, run z; docs/bench/attention_probe.py,
+docs/BENCHMARKS.md): about 0.11 s a request.
 
 `TemporalAttention` runs the layer's own processor with that kernel first in SDPA's
 order; where it cannot run (on the CPU, say) torch takes the next one that can, as

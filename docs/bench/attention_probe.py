@@ -21,7 +21,8 @@ kernel and the plain arithmetic compiled by Inductor.
 
 compiles the UNet's outermost transformer block ahead of time as the fast path does,
 with its temporal self-attention on cuDNN's kernel and on the memory-efficient one
-(`bentosvd.temporal_attention`), and times both.
+(`bentosvd.temporal_attention`), and times both; `step` does the same for a whole guided
+step compiled block by block.
 """
 
 import json
@@ -203,8 +204,46 @@ def block(out: str) -> None:
         json.dump(results, f, indent=1)
 
 
+@torch.no_grad()
+def step(out: str) -> None:
+    """A whole guided UNet step compiled block by block (in-process), its temporal
+    self-attention on cuDNN's kernel, then again on the memory-efficient one."""
+    from bentosvd.components import build_synthetic
+    from bentosvd.cross_attention import use_single_token_cross_attention
+    from bentosvd.pipeline import UNET_REGIONS, compile_regions
+    from bentosvd.temporal_attention import use_efficient_temporal_attention
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from tuning_probe import step_inputs
+
+    unet = build_synthetic(25, device="cuda")["unet"]
+    use_single_token_cross_attention(unet)
+    x, t, e, a = step_inputs(unet)
+    call = lambda: unet(x, t, encoder_hidden_states=e, added_time_ids=a, return_dict=False)[0]
+    results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
+    compile_regions(unet, UNET_REGIONS, None)
+    outputs = {}
+    for name in ("cudnn", "efficient"):
+        if name == "efficient":
+            use_efficient_temporal_attention(unet)
+            torch._dynamo.reset()
+        t0 = time.perf_counter()
+        outputs[name] = call().float()
+        torch.cuda.synchronize()
+        results[name] = {"compile_s": round(time.perf_counter() - t0, 1), "ms": round(timed(call, 7, 2), 2)}
+        print(name, results[name], flush=True)
+        with open(out, "w") as f:
+            json.dump(results, f, indent=1)
+    results["max_abs_diff"] = float((outputs["efficient"] - outputs["cudnn"]).abs().max())
+    print("max_abs_diff", results["max_abs_diff"])
+    with open(out, "w") as f:
+        json.dump(results, f, indent=1)
+
+
 if __name__ == "__main__":
-    if sys.argv[2:3] == ["block"]:
+    if sys.argv[2:3] == ["step"]:
+        step(sys.argv[1])
+    elif sys.argv[2:3] == ["block"]:
         block(sys.argv[1])
     else:
         main(sys.argv[1] if len(sys.argv) > 1 else "attention.json")
