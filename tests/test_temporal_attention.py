@@ -14,11 +14,11 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch.nn.attention import SDPBackend
 
 from bentosvd.components import build_demo
-from bentosvd.pipeline import UNET_REGIONS, GenerationSettings, Speedups, VideoGenerator
+from bentosvd.pipeline import UNET_REGIONS, Speedups
 from bentosvd.saved_regions import SavedRegions
 from bentosvd.temporal_attention import (TemporalAttention, remove_efficient_temporal_attention,
                                          use_efficient_temporal_attention)
-from tests.test_cross_attention import unet_inputs
+from tests.test_cross_attention import demo_video, unet_inputs
 
 
 def temporal_self_attention(model) -> list[Attention]:
@@ -89,11 +89,4 @@ def test_blocks_compile_ahead_of_time_with_it(tmp_path):
 
 
 def test_videos_match_the_plain_pipeline_here():
-    settings = GenerationSettings(num_frames=4, num_inference_steps=3, min_guidance_scale=1.0,
-                                  max_guidance_scale=2.5, fps=7, motion_bucket_id=127,
-                                  noise_aug_strength=0.02, decode_chunk_size=2, seed=3)
-    image = np.random.default_rng(1).integers(0, 256, (144, 256, 3), dtype=np.uint8)
-    plain = VideoGenerator(build_demo(4), torch.device("cpu")).generate(image, settings)
-    speedups = Speedups(efficient_temporal_attention=True)
-    got = VideoGenerator(build_demo(4), torch.device("cpu"), speedups).generate(image, settings)
-    assert np.array_equal(got, plain)
+    assert np.array_equal(demo_video(Speedups(efficient_temporal_attention=True)), demo_video())
