@@ -82,8 +82,10 @@ class GenerationWorker:
         def report(**event) -> None:  # from the generation's thread
             loop.call_soon_threadsafe(events.put_nowait, event_line(**event))
 
+        # Encodes the frames as they are decoded, in a thread of its own.
+        encoder = self.engine.encoder(job, image, output)
         work = asyncio.ensure_future(asyncio.to_thread(
-            self.engine.run, image, job, deadline, caller_gone, report))
+            self.engine.run, image, job, deadline, caller_gone, report, encoder.add))
         try:
             while not (work.done() and events.empty()):
                 getter = asyncio.ensure_future(events.get())
@@ -94,18 +96,20 @@ class GenerationWorker:
                     getter.cancel()
             result = work.result()
             if "frames" in result:
-                frames, timings = result.pop("frames"), result["timings"]
+                del result["frames"]  # the encoder has had them chunk by chunk
                 # The GPU is free: the API may send the next request, whose generation then
-                # overlaps this encode.
+                # overlaps what is left of this encode.
                 yield event_line(event="generated")
                 started = time.perf_counter()
-                video = await asyncio.to_thread(self.engine.encode, frames, output)
-                timings["video_encode"] = time.perf_counter() - started
+                video = await asyncio.to_thread(encoder.result)
+                # What the request waited for after decoding; the rest overlapped it.
+                result["timings"]["video_encode"] = time.perf_counter() - started
                 result["video"] = base64.b64encode(video).decode()
             yield event_line(**result)
         finally:
             # Reached early when the caller closes the stream: stop at the next step.
             caller_gone.set()
+            encoder.close()  # after a failure or a departure: the encode stops too
             self.cancels.pop(request_id, None)
 
     @bentoml.api

@@ -11,8 +11,11 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import queue
 import threading
 import time
+from collections.abc import Iterator
+from concurrent.futures import Future
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,7 +25,7 @@ import torch
 from bentosvd import saved_regions
 from bentosvd.generation import GenerationSettings
 from bentosvd.pipeline import Speedups, VideoGenerator
-from bentosvd.video import boomerang, encode_video, interpolate
+from bentosvd.video import boomerang, encode_chunks, encode_video, interpolate
 
 logger = logging.getLogger("bentoml.svd")
 
@@ -67,6 +70,62 @@ def encode_output(frames: np.ndarray, output: dict, *, crf: int, preset: str) ->
     if output.get("boomerang"):
         frames = boomerang(frames)
     return encode_video(frames, fps, output["format"], crf=crf, preset=preset)
+
+
+class StreamingEncode:
+    """Encodes one video in a thread of its own while its frames are still being decoded.
+
+    `add` each chunk of (n, H, W, 3) uint8 frames as it reaches the host, in order; then
+    `result()` waits for the bytes, the same bytes `encode_output` makes of the whole clip.
+    A plain clip is encoded frame by frame as its chunks come, so by the time the last one
+    is decoded little encoding is left; interpolation and boomerang need the whole clip
+    and start once the last chunk is in. `close()` abandons the video (the generation
+    failed or nobody waits): the thread stops when it next waits for frames, and its temporary file is removed.
+    """
+
+    def __init__(self, shape: tuple[int, int, int, int], output: dict, *, crf: int, preset: str):
+        self._chunks: queue.SimpleQueue = queue.SimpleQueue()
+        self._video: Future[bytes | None] = Future()
+        # A daemon thread: one left waiting for frames never holds up the process's exit.
+        threading.Thread(target=self._run, args=(shape, output, crf, preset),
+                         name="video-encode", daemon=True).start()
+
+    def add(self, frames: np.ndarray) -> None:
+        self._chunks.put(frames)
+
+    def result(self) -> bytes:
+        self._chunks.put(None)
+        return self._video.result()
+
+    def close(self) -> None:
+        self._chunks.put(_ABANDONED)
+
+    def _received(self) -> Iterator[np.ndarray]:
+        while (chunk := self._chunks.get()) is not None:
+            if chunk is _ABANDONED:
+                raise _Abandoned
+            yield chunk
+
+    def _run(self, shape, output: dict, crf: int, preset: str) -> None:
+        try:
+            if output.get("interpolate_fps") or output.get("boomerang"):
+                frames = np.concatenate(list(self._received()))
+                video = encode_output(frames, output, crf=crf, preset=preset)
+            else:
+                video = encode_chunks(self._received(), shape, output["fps"], output["format"],
+                                      crf=crf, preset=preset)
+            self._video.set_result(video)
+        except _Abandoned:
+            self._video.set_result(None)
+        except BaseException as e:  # handed to whoever waits in result()
+            self._video.set_exception(e)
+
+
+class _Abandoned(Exception):
+    pass
+
+
+_ABANDONED = object()
 
 
 class Engine:
@@ -115,9 +174,10 @@ class Engine:
         return self.faults_in_a_row < self.settings.max_faults_in_a_row
 
     def run(self, image: np.ndarray, job: dict, deadline: float,
-            caller_gone: threading.Event, report) -> dict:
+            caller_gone: threading.Event, report, on_frames=None) -> dict:
         """Generate the frames of `job` (`GenerationSettings`' fields). `report(**event)` gets {"event": "started"} once the GPU
-        is this request's and {"event": "step", ...} after each step. Returns
+        is this request's and {"event": "step", ...} after each step; `on_frames(chunk)`
+        gets the decoded frames chunk by chunk (`VideoGenerator.generate`). Returns
         {"event": "done", "frames", "timings", "gpu_peak_bytes"} or an error event
         {"event": "error", "kind": "timeout" | "gpu_oom", "message"}."""
         def check(step: int = 0, total: int = 0) -> None:
@@ -143,7 +203,8 @@ class Engine:
                     torch.cuda.reset_peak_memory_stats(self.generator.device)
                 try:
                     frames = self.generator.generate(image, GenerationSettings(**job),
-                                                     on_step=check, timings=timings)
+                                                     on_step=check, timings=timings,
+                                                     on_frames=on_frames)
                 finally:
                     if self.busy_gauge is not None:
                         self.busy_gauge.dec()
@@ -159,9 +220,11 @@ class Engine:
         peak = torch.cuda.max_memory_allocated(self.generator.device) if self.on_gpu else None
         return {"event": "done", "frames": frames, "timings": timings, "gpu_peak_bytes": peak}
 
-    def encode(self, frames: np.ndarray, output: dict) -> bytes:
-        return encode_output(frames, output, crf=self.settings.video_crf,
-                             preset=self.settings.video_preset)
+    def encoder(self, job: dict, image: np.ndarray, output: dict) -> StreamingEncode:
+        """A video encode for `job`'s frames, to be fed by `run`'s on_frames."""
+        shape = (job["num_frames"], *image.shape[:2], 3)
+        return StreamingEncode(shape, output, crf=self.settings.video_crf,
+                               preset=self.settings.video_preset)
 
     def _free_gpu_memory(self) -> None:
         # The failed step's tensors are garbage once its frames are gone; hand their

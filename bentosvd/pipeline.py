@@ -252,14 +252,18 @@ class VideoGenerator:
 
     def generate(self, image: np.ndarray, settings: GenerationSettings,
                  on_step: Callable[[int, int], None] | None = None,
-                 timings: dict | None = None, decode: bool = True) -> np.ndarray | None:
+                 timings: dict | None = None, decode: bool = True,
+                 on_frames: Callable[[np.ndarray], None] | None = None) -> np.ndarray | None:
         """(H, W, 3) uint8 image at the model's size → (frames, H, W, 3) uint8 video.
 
         `on_step(step, total)` runs after every denoising step, once the step's GPU work is
         done; an exception raised there stops the generation (that is how a cancelled
-        request gives the GPU back). `timings`, if given, gets the seconds of each phase:
-        image_encode, denoise, vae_decode. `decode=False` stops after the denoising loop
-        and returns None (warming up).
+        request gives the GPU back). `on_frames(chunk)` gets each decoded chunk of
+        `decode_chunk_size` frames as (n, H, W, 3) uint8 as soon as it is on the host, in
+        order, while the next chunk decodes (the server encodes the video meanwhile).
+        `timings`, if given, gets the seconds of each phase: image_encode, denoise,
+        vae_decode. `decode=False` stops after the denoising loop and returns None
+        (warming up).
         """
         height, width = image.shape[:2]
         generator = torch.Generator(self.device).manual_seed(settings.seed)
@@ -288,12 +292,21 @@ class VideoGenerator:
         if decode:
             # Decoded here rather than inside the pipeline call, so that the decoder runs
             # compiled only where its own shapes were warmed (decoding_t is per request).
+            # One decoder call per chunk, as diffusers' decode_latents makes them, and each
+            # chunk's frames handed on while the next one decodes.
             chunk = settings.decode_chunk_size
+            chunks = []
             with self._compiled_for({("vae", n, height, width) for n in decode_calls(frames, chunk)}):
-                decoded = self.pipe.decode_latents(latents, frames, chunk)
+                for start in range(0, frames, chunk):
+                    n = min(chunk, frames - start)
+                    decoded = self.pipe.decode_latents(latents[:, start:start + n], n, n)
+                    chunks.append(to_uint8(
+                        self.pipe.video_processor.postprocess_video(decoded, output_type="pt")[0]))
+                    if on_frames is not None:
+                        on_frames(chunks[-1])
             if self.speedups.low_memory:
                 self.pipe.maybe_free_model_hooks()  # the VAE back to the CPU, as the pipeline does
-            video = to_uint8(self.pipe.video_processor.postprocess_video(decoded, output_type="pt")[0])
+            video = np.concatenate(chunks)
         if timings is not None:
             timings.update(self.phases.times)
             timings["denoise"] = time.perf_counter() - start - sum(self.phases.times.values())

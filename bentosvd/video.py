@@ -1,7 +1,8 @@
 """Encoding generated frames to MP4, WebM, GIF or WebP, retiming them, and reading a file back.
 
 Frames are always an (F, H, W, 3) uint8 RGB array. `encode_video` picks the format from
-`FORMATS`; `boomerang` and `interpolate` change the frames before encoding; `probe_video`
+`FORMATS` (`encode_chunks` takes the clip a few frames at a time, encoding while the rest is
+still being made); `boomerang` and `interpolate` change the frames before encoding; `probe_video`
 describes encoded bytes for checks. Everything runs in-process through PyAV's bundled FFmpeg.
 """
 
@@ -85,8 +86,21 @@ def encode_video(frames: np.ndarray, fps: int, fmt: str = "mp4", *, crf: int = 1
     Raises ValueError for frames that are not a non-empty (F, H, W, 3) uint8 array, for
     fps that is not an integer >= 1 (GIF: 1-50), for an unknown fmt or an out-of-range crf.
     """
-    spec = _output_format(fmt)
     frames = _checked_frames(frames)
+    return encode_chunks([frames], frames.shape, fps, fmt, crf=crf, preset=preset)
+
+
+def encode_chunks(chunks: Iterable[np.ndarray], shape: tuple[int, ...], fps: int,
+                  fmt: str = "mp4", *, crf: int = 17, preset: str = "veryfast") -> bytes:
+    """As encode_video, for a clip of `shape` (F, H, W, 3) that arrives as consecutive
+    (n, H, W, 3) uint8 chunks: each frame is encoded as soon as its chunk comes, so the
+    encoding can overlap whatever makes the next chunk (the server decodes the video a
+    few frames at a time). The settings are checked before the first chunk is waited for.
+    Raises ValueError as encode_video does, and when a chunk has the wrong size or type
+    or the chunks end with more or fewer than F frames (nothing is returned then).
+    """
+    spec = _output_format(fmt)
+    shape = _checked_shape(shape)
     fps = _checked_fps(fps, spec.max_fps)
     if spec.max_crf is not None and (
         isinstance(crf, bool)
@@ -94,18 +108,27 @@ def encode_video(frames: np.ndarray, fps: int, fmt: str = "mp4", *, crf: int = 1
         or not 0 <= crf <= spec.max_crf
     ):
         raise ValueError(f"crf for {fmt} must be an integer 0-{spec.max_crf}, got {crf!r}")
+    if fmt == "mp4" and preset not in X264_PRESETS:
+        raise ValueError(f"preset must be one of {', '.join(X264_PRESETS)}, got {preset!r}")
+    frames = _frames_of(chunks, shape)
     if fmt == "mp4":
-        return encode_mp4(frames, fps, crf=crf, preset=preset)
+        # yuv420p needs even sides: an odd height or width gets a copy of its edge.
+        _, h, w, _ = shape
+        padded = (np.pad(f, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge") for f in frames)
+        # The mp4 muxer moves the moov atom to the front (faststart) by reopening the
+        # output by name to copy it, which an in-memory buffer has none of; hence _mux's
+        # temporary file.
+        return _mux("mp4", "libx264", "yuv420p", _bt709(padded), (shape[0], h + h % 2, w + w % 2, 3),
+                    fps, {"crf": str(crf), "preset": preset}, {"movflags": "+faststart"})
     if fmt == "webm":
         # b=0 makes crf the only target (constant quality). deadline=good with cpu-used=5 is
         # the fast end of libvpx's good-quality mode: half the time of cpu-used=4 here, at
         # no bigger size; row-mt lets several threads share each frame.
         options = {"crf": str(crf), "b": "0", "deadline": "good", "cpu-used": "5", "row-mt": "1"}
-        return _mux("webm", "libvpx-vp9", "yuv420p", _bt709(frames), frames.shape, fps,
-                    options)
+        return _mux("webm", "libvpx-vp9", "yuv420p", _bt709(frames), shape, fps, options)
     if fmt == "gif":
         # The gif muxer's loop=0 writes the NETSCAPE2.0 block that means "loop forever".
-        return _mux("gif", "gif", "pal8", _paletted(frames, fps), frames.shape, fps, {},
+        return _mux("gif", "gif", "pal8", _paletted(frames, shape, fps), shape, fps, {},
                     {"loop": "0"})
     # libwebp (not libwebp_anim): the webp muxer then times each frame from its pts, which
     # keeps the clip's total exact; libwebp_anim's own timing was 1 ms short. RGB goes in
@@ -113,7 +136,7 @@ def encode_video(frames: np.ndarray, fps: int, fmt: str = "mp4", *, crf: int = 1
     # loop is 1 (play once).
     rgb = (av.VideoFrame.from_ndarray(f, format="rgb24").reformat(format="bgra")
            for f in frames)
-    return _mux("webp", "libwebp", "bgra", rgb, frames.shape, fps, {"quality": "80"},
+    return _mux("webp", "libwebp", "bgra", rgb, shape, fps, {"quality": "80"},
                 {"loop": "0"})
 
 
@@ -124,19 +147,10 @@ def encode_mp4(
 
     yuv420p needs even sides, so an odd height or width gets one more row or column,
     a copy of the edge. `crf` and `preset` are libx264's (lower crf: better, bigger).
-    Raises ValueError for anything but a non-empty (F, H, W, 3) uint8 array, for fps < 1
-    or for a preset not in X264_PRESETS.
+    Raises ValueError for anything but a non-empty (F, H, W, 3) uint8 array, for fps < 1,
+    a crf outside 0-51 or a preset not in X264_PRESETS.
     """
-    if preset not in X264_PRESETS:
-        raise ValueError(f"preset must be one of {', '.join(X264_PRESETS)}, got {preset!r}")
-    frames = _checked_frames(frames)
-    fps = _checked_fps(fps)
-    _, h, w, _ = frames.shape
-    frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
-    # The mp4 muxer moves the moov atom to the front (faststart) by reopening the output
-    # by name to copy it, which an in-memory buffer has none of; hence _mux's temporary file.
-    return _mux("mp4", "libx264", "yuv420p", _bt709(frames), frames.shape, fps,
-                {"crf": str(crf), "preset": preset}, {"movflags": "+faststart"})
+    return encode_video(frames, fps, "mp4", crf=crf, preset=preset)
 
 
 def boomerang(frames: np.ndarray) -> np.ndarray:
@@ -272,6 +286,30 @@ def _checked_frames(frames: np.ndarray) -> np.ndarray:
     return frames
 
 
+def _checked_shape(shape: tuple[int, ...]) -> tuple[int, int, int, int]:
+    shape = tuple(int(n) for n in shape)
+    if len(shape) != 4 or shape[-1] != 3 or min(shape) < 1:
+        raise ValueError(f"a clip's shape must be (F, H, W, 3) with F, H, W >= 1, got {shape}")
+    return shape
+
+
+def _frames_of(chunks: Iterable[np.ndarray], shape: tuple[int, int, int, int]) -> Iterator[np.ndarray]:
+    """Each (H, W, 3) frame of the chunks in turn, checked against the clip's shape."""
+    count = 0
+    for chunk in chunks:
+        chunk = np.asarray(chunk)
+        if chunk.dtype != np.uint8 or chunk.ndim != 4 or chunk.shape[1:] != shape[1:]:
+            raise ValueError(f"chunks must be (n, {shape[1]}, {shape[2]}, 3) uint8, got "
+                             f"{chunk.shape} {chunk.dtype}")
+        if count + len(chunk) > shape[0]:
+            raise ValueError(f"the chunks hold more than the clip's {shape[0]} frames")
+        for frame in chunk:
+            count += 1
+            yield frame
+    if count != shape[0]:
+        raise ValueError(f"the chunks ended after {count} of the clip's {shape[0]} frames")
+
+
 def _checked_fps(fps: int, max_fps: int | None = None) -> int:
     if isinstance(fps, bool) or not isinstance(fps, (int, np.integer)) or fps < 1:
         raise ValueError(f"fps must be an integer >= 1, got {fps!r}")
@@ -280,14 +318,14 @@ def _checked_fps(fps: int, max_fps: int | None = None) -> int:
     return int(fps)
 
 
-def _rgb_frames(frames: np.ndarray, fps: int) -> Iterator[av.VideoFrame]:
+def _rgb_frames(frames: Iterable[np.ndarray], fps: int) -> Iterator[av.VideoFrame]:
     for i, rgb in enumerate(frames):
         frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
         frame.pts, frame.time_base = i, Fraction(1, fps)
         yield frame
 
 
-def _bt709(frames: np.ndarray) -> Iterator[av.VideoFrame]:
+def _bt709(frames: Iterable[np.ndarray]) -> Iterator[av.VideoFrame]:
     """RGB → limited-range BT.709 yuv420p, matching the tags _mux puts on the stream."""
     for rgb in frames:
         yield av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(
@@ -299,7 +337,7 @@ def _bt709(frames: np.ndarray) -> Iterator[av.VideoFrame]:
         )
 
 
-def _paletted(frames: np.ndarray, fps: int) -> Iterator[av.VideoFrame]:
+def _paletted(frames: Iterable[np.ndarray], shape: tuple[int, ...], fps: int) -> Iterator[av.VideoFrame]:
     """pal8 frames sharing one palette made from every pixel of the clip.
 
     palettegen sees the whole clip before paletteuse maps the first frame, so the frames
@@ -307,7 +345,7 @@ def _paletted(frames: np.ndarray, fps: int) -> Iterator[av.VideoFrame]:
     fixed pattern: unlike error diffusion it does not crawl from frame to frame, which
     keeps the GIF smaller and was twice as fast here.
     """
-    _, h, w, _ = frames.shape
+    _, h, w, _ = shape
     graph = av.filter.Graph()
     source = graph.add_buffer(width=w, height=h, format="rgb24", time_base=Fraction(1, fps))
     split = graph.add("split")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -28,6 +30,25 @@ def test_generate_reports_each_step_and_the_time_of_each_phase(generator):
     assert steps == [(1, 3), (2, 3), (3, 3)]
     assert set(timings) == {"image_encode", "denoise", "vae_decode"}
     assert all(t > 0 for t in timings.values())
+
+
+@pytest.mark.parametrize(("chunk", "sizes"), [(1, [1, 1, 1, 1]), (3, [3, 1]), (4, [4]), (8, [4])])
+def test_decoded_frames_are_handed_on_chunk_by_chunk(generator, chunk, sizes):
+    """Each decoder call's frames reach on_frames as they are decoded (the server encodes
+    them meanwhile): in order, decode_chunk_size at a time, the same frames as returned."""
+    decoded, handed = [], []
+    decode = generator.pipe.decode_latents
+    generator.pipe.decode_latents = lambda *a: decoded.append(len(handed)) or decode(*a)
+    try:
+        frames = generator.generate(np.full((144, 256, 3), 128, np.uint8),
+                                    replace(SETTINGS, decode_chunk_size=chunk),
+                                    on_frames=handed.append)
+    finally:
+        generator.pipe.decode_latents = decode
+    assert [len(c) for c in handed] == sizes
+    assert decoded == list(range(len(sizes)))  # chunk i handed on before call i + 1 began
+    assert all(c.dtype == np.uint8 and c.shape[1:] == (144, 256, 3) for c in handed)
+    np.testing.assert_array_equal(np.concatenate(handed), frames)
 
 
 def test_warm_up_runs_one_step_and_skips_the_uncompiled_decoder(generator):
