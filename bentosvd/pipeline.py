@@ -297,9 +297,9 @@ class VideoGenerator:
             chunk = settings.decode_chunk_size
             chunks = []
             with self._compiled_for({("vae", n, height, width) for n in decode_calls(frames, chunk)}):
-                for start in range(0, frames, chunk):
-                    n = min(chunk, frames - start)
-                    decoded = self.pipe.decode_latents(latents[:, start:start + n], n, n)
+                for first in range(0, frames, chunk):
+                    n = min(chunk, frames - first)
+                    decoded = self.pipe.decode_latents(latents[:, first:first + n], n, n)
                     chunks.append(to_uint8(
                         self.pipe.video_processor.postprocess_video(decoded, output_type="pt")[0]))
                     if on_frames is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -24,12 +25,15 @@ def generator() -> VideoGenerator:
 def test_generate_reports_each_step_and_the_time_of_each_phase(generator):
     steps, timings = [], {}
     image = np.full((144, 256, 3), 128, np.uint8)
+    started = time.perf_counter()
     frames = generator.generate(image, SETTINGS, on_step=lambda i, n: steps.append((i, n)),
                                 timings=timings)
+    elapsed = time.perf_counter() - started
     assert frames.shape == (4, 144, 256, 3) and frames.dtype == np.uint8
     assert steps == [(1, 3), (2, 3), (3, 3)]
     assert set(timings) == {"image_encode", "denoise", "vae_decode"}
     assert all(t > 0 for t in timings.values())
+    assert sum(timings.values()) <= elapsed  # the phases are parts of the call
 
 
 @pytest.mark.parametrize(("chunk", "sizes"), [(1, [1, 1, 1, 1]), (3, [3, 1]), (4, [4]), (8, [4])])
