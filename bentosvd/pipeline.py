@@ -288,29 +288,34 @@ class VideoGenerator:
                 noise_aug_strength=settings.noise_aug_strength, generator=generator,
                 output_type="latent", callback_on_step_end=step_end,
             ).frames
-        video = None
-        if decode:
-            # Decoded here rather than inside the pipeline call, so that the decoder runs
-            # compiled only where its own shapes were warmed (decoding_t is per request).
-            # One decoder call per chunk, as diffusers' decode_latents makes them, and each
-            # chunk's frames handed on while the next one decodes.
-            chunk = settings.decode_chunk_size
-            chunks = []
-            with self._compiled_for({("vae", n, height, width) for n in decode_calls(frames, chunk)}):
-                for first in range(0, frames, chunk):
-                    n = min(chunk, frames - first)
-                    decoded = self.pipe.decode_latents(latents[:, first:first + n], n, n)
-                    chunks.append(to_uint8(
-                        self.pipe.video_processor.postprocess_video(decoded, output_type="pt")[0]))
-                    if on_frames is not None:
-                        on_frames(chunks[-1])
-            if self.speedups.low_memory:
-                self.pipe.maybe_free_model_hooks()  # the VAE back to the CPU, as the pipeline does
-            video = np.concatenate(chunks)
+        # Decoded here rather than inside the pipeline call, so that the decoder runs
+        # compiled only where its own shapes were warmed (decoding_t is per request).
+        video = self.decode(latents, settings.decode_chunk_size, on_frames) if decode else None
         if timings is not None:
             timings.update(self.phases.times)
             timings["denoise"] = time.perf_counter() - start - sum(self.phases.times.values())
         return video
+
+    def decode(self, latents: torch.Tensor, chunk: int,
+               on_frames: Callable[[np.ndarray], None] | None = None) -> np.ndarray:
+        """(1, F, C, h, w) latents → (F, H, W, 3) uint8 frames, `chunk` frames per decoder
+        call (diffusers' decode_chunk_size), each call's frames handed to `on_frames` as
+        in `generate`."""
+        frames = latents.shape[1]
+        height, width = (side * self.pipe.vae_scale_factor for side in latents.shape[-2:])
+        chunks = []
+        with self._compiled_for({("vae", n, height, width) for n in decode_calls(frames, chunk)}):
+            for first in range(0, frames, chunk):
+                n = min(chunk, frames - first)
+                # The calls diffusers' decode_latents would make, one at a time.
+                decoded = self.pipe.decode_latents(latents[:, first:first + n], n, n)
+                chunks.append(to_uint8(
+                    self.pipe.video_processor.postprocess_video(decoded, output_type="pt")[0]))
+                if on_frames is not None:
+                    on_frames(chunks[-1])
+        if self.speedups.low_memory:
+            self.pipe.maybe_free_model_hooks()  # the VAE back to the CPU, as the pipeline does
+        return np.concatenate(chunks)
 
     def warm_up(self, num_frames: int, height: int, width: int) -> None:
         """Compile (or load from the compile cache) the kernels for this shape: one
