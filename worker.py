@@ -77,13 +77,13 @@ class GenerationWorker:
         `cancel(request_id)` is called."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[str] = asyncio.Queue()
+        # Encodes the frames as they are decoded, in a thread of its own.
+        encoder = self.engine.encoder(job, image, output)
         caller_gone = self.cancels[request_id] = threading.Event()
 
         def report(**event) -> None:  # from the generation's thread
             loop.call_soon_threadsafe(events.put_nowait, event_line(**event))
 
-        # Encodes the frames as they are decoded, in a thread of its own.
-        encoder = self.engine.encoder(job, image, output)
         work = asyncio.ensure_future(asyncio.to_thread(
             self.engine.run, image, job, deadline, caller_gone, report, encoder.add))
         try:

@@ -80,7 +80,8 @@ class StreamingEncode:
     A plain clip is encoded frame by frame as its chunks come, so by the time the last one
     is decoded little encoding is left; interpolation and boomerang need the whole clip
     and start once the last chunk is in. `close()` abandons the video (the generation
-    failed or nobody waits): the thread stops when it next waits for frames, and its temporary file is removed.
+    failed or nobody waits): the thread stops when it next waits for frames, and its
+    temporary file is removed.
     """
 
     def __init__(self, shape: tuple[int, int, int, int], output: dict, *, crf: int, preset: str):

@@ -1,9 +1,9 @@
 """Encoding generated frames to MP4, WebM, GIF or WebP, retiming them, and reading a file back.
 
 Frames are always an (F, H, W, 3) uint8 RGB array. `encode_video` picks the format from
-`FORMATS` (`encode_chunks` takes the clip a few frames at a time, encoding while the rest is
-still being made); `boomerang` and `interpolate` change the frames before encoding; `probe_video`
-describes encoded bytes for checks. Everything runs in-process through PyAV's bundled FFmpeg.
+`FORMATS` (`encode_chunks` takes the clip a few frames at a time, encoding while the rest
+is still being made); `boomerang` and `interpolate` change the frames before encoding;
+`probe_video` describes encoded bytes for checks. Everything runs in-process through PyAV's bundled FFmpeg.
 """
 
 from __future__ import annotations
@@ -118,8 +118,9 @@ def encode_chunks(chunks: Iterable[np.ndarray], shape: tuple[int, ...], fps: int
         # The mp4 muxer moves the moov atom to the front (faststart) by reopening the
         # output by name to copy it, which an in-memory buffer has none of; hence _mux's
         # temporary file.
-        return _mux("mp4", "libx264", "yuv420p", _bt709(padded), (shape[0], h + h % 2, w + w % 2, 3),
-                    fps, {"crf": str(crf), "preset": preset}, {"movflags": "+faststart"})
+        return _mux("mp4", "libx264", "yuv420p", _bt709(padded),
+                    (shape[0], h + h % 2, w + w % 2, 3), fps,
+                    {"crf": str(crf), "preset": preset}, {"movflags": "+faststart"})
     if fmt == "webm":
         # b=0 makes crf the only target (constant quality). deadline=good with cpu-used=5 is
         # the fast end of libvpx's good-quality mode: half the time of cpu-used=4 here, at
@@ -293,7 +294,8 @@ def _checked_shape(shape: tuple[int, ...]) -> tuple[int, int, int, int]:
     return shape
 
 
-def _frames_of(chunks: Iterable[np.ndarray], shape: tuple[int, int, int, int]) -> Iterator[np.ndarray]:
+def _frames_of(chunks: Iterable[np.ndarray],
+               shape: tuple[int, int, int, int]) -> Iterator[np.ndarray]:
     """Each (H, W, 3) frame of the chunks in turn, checked against the clip's shape."""
     count = 0
     for chunk in chunks:
@@ -337,7 +339,8 @@ def _bt709(frames: Iterable[np.ndarray]) -> Iterator[av.VideoFrame]:
         )
 
 
-def _paletted(frames: Iterable[np.ndarray], shape: tuple[int, ...], fps: int) -> Iterator[av.VideoFrame]:
+def _paletted(frames: Iterable[np.ndarray], shape: tuple[int, ...],
+              fps: int) -> Iterator[av.VideoFrame]:
     """pal8 frames sharing one palette made from every pixel of the clip.
 
     palettegen sees the whole clip before paletteuse maps the first frame, so the frames
