@@ -25,7 +25,8 @@ import torch
 from bentosvd import saved_regions
 from bentosvd.generation import GenerationSettings
 from bentosvd.pipeline import Speedups, VideoGenerator
-from bentosvd.video import boomerang, encode_chunks, encode_video, interpolate
+from bentosvd.video import (boomerang, boomerang_chunks, boomerang_length, encode_chunks,
+                            encode_video, interpolate)
 
 logger = logging.getLogger("bentoml.svd")
 
@@ -77,9 +78,10 @@ class StreamingEncode:
 
     `add` each chunk of (n, H, W, 3) uint8 frames as it reaches the host, in order; then
     `result()` waits for the bytes, the same bytes `encode_output` makes of the whole clip.
-    A plain clip is encoded frame by frame as its chunks come, so by the time the last one
-    is decoded little encoding is left; interpolation and boomerang need the whole clip
-    and start once the last chunk is in. `close()` abandons the video (the generation
+    A clip is encoded frame by frame as its chunks come (a boomerang's way back once the
+    last one is in), so by the time the last one is decoded little encoding is left;
+    interpolation needs the whole clip and starts once the last chunk is in. `close()`
+    abandons the video (the generation
     failed or nobody waits): the thread stops when it next waits for frames, and its
     temporary file is removed.
     """
@@ -109,12 +111,14 @@ class StreamingEncode:
 
     def _run(self, shape, output: dict, crf: int, preset: str) -> None:
         try:
-            if output.get("interpolate_fps") or output.get("boomerang"):
-                frames = np.concatenate(list(self._received()))
-                video = encode_output(frames, output, crf=crf, preset=preset)
+            chunks, (count, height, width, _) = self._received(), shape
+            if output.get("interpolate_fps"):
+                video = encode_output(np.concatenate(list(chunks)), output, crf=crf, preset=preset)
             else:
-                video = encode_chunks(self._received(), shape, output["fps"], output["format"],
-                                      crf=crf, preset=preset)
+                if output.get("boomerang"):
+                    chunks, count = boomerang_chunks(chunks), boomerang_length(count)
+                video = encode_chunks(chunks, (count, height, width, 3), output["fps"],
+                                      output["format"], crf=crf, preset=preset)
             self._video.set_result(video)
         except _Abandoned:
             self._video.set_result(None)

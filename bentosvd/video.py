@@ -3,7 +3,8 @@
 Frames are always an (F, H, W, 3) uint8 RGB array. `encode_video` picks the format from
 `FORMATS` (`encode_chunks` takes the clip a few frames at a time, encoding while the rest
 is still being made); `boomerang` and `interpolate` change the frames before encoding;
-`probe_video` describes encoded bytes for checks. Everything runs in-process through PyAV's bundled FFmpeg.
+`probe_video` describes encoded bytes for checks. Everything runs in-process through
+PyAV's bundled FFmpeg.
 """
 
 from __future__ import annotations
@@ -162,7 +163,23 @@ def boomerang(frames: np.ndarray) -> np.ndarray:
     Raises ValueError for frames that are not a non-empty (F, H, W, 3) uint8 array.
     """
     frames = _checked_frames(frames)
-    return np.concatenate([frames, frames[-2:0:-1]])
+    return np.concatenate(list(boomerang_chunks([frames])))
+
+
+def boomerang_chunks(chunks: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+    """boomerang for a clip that arrives in chunks (as encode_chunks takes it): each chunk
+    as it comes, then the way back once the last one is in; boomerang_length(F) frames."""
+    kept = []
+    for chunk in chunks:
+        kept.append(chunk)
+        yield chunk
+    if kept:
+        yield np.concatenate(kept)[-2:0:-1]
+
+
+def boomerang_length(frames: int) -> int:
+    """How many frames boomerang makes of `frames`."""
+    return max(1, 2 * frames - 2)
 
 
 def interpolate(frames: np.ndarray, fps: int, target_fps: int) -> np.ndarray:

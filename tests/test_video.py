@@ -16,6 +16,8 @@ from bentosvd.video import (
     FORMATS,
     MAX_INTERPOLATED_FPS,
     boomerang,
+    boomerang_chunks,
+    boomerang_length,
     encode_chunks,
     encode_mp4,
     encode_video,
@@ -281,7 +283,11 @@ def test_boomerang_turns_without_repeating(count, order):
     frames = np.arange(count, dtype=np.uint8).reshape(count, 1, 1, 1).repeat(3, axis=-1)
     out = boomerang(frames)
     assert out[:, 0, 0, 0].tolist() == order
-    assert len(out) == max(1, 2 * count - 2)
+    assert len(out) == boomerang_length(count) == max(1, 2 * count - 2)
+    # Chunk by chunk: each chunk as it comes, then the way back.
+    chunked = list(boomerang_chunks(np.split(frames, range(1, count))))
+    assert np.concatenate(chunked)[:, 0, 0, 0].tolist() == order
+    assert len(chunked) == count + 1
 
 
 @pytest.mark.parametrize(("frames", "fps"), list(BAD_INPUTS.values())[:7], ids=list(BAD_INPUTS)[:7])
