@@ -80,10 +80,11 @@ class StreamingEncode:
     `result()` waits for the bytes, the same bytes `encode_output` makes of the whole clip.
     A clip is encoded frame by frame as its chunks come (a boomerang's way back once the
     last one is in), so by the time the last one is decoded little encoding is left;
-    interpolation needs the whole clip and starts once the last chunk is in. `close()`
-    abandons the video (the generation
-    failed or nobody waits): the thread stops when it next waits for frames, and its
-    temporary file is removed.
+    interpolation needs the whole clip and starts once the last chunk is in.
+
+    `close()` abandons the video (the generation failed or nobody waits): the thread stops
+    when it next waits for frames, and its temporary file is removed. Call it instead of
+    `result()`, or after `result()` has returned (then it does nothing).
     """
 
     def __init__(self, shape: tuple[int, int, int, int], output: dict, *, crf: int, preset: str):
