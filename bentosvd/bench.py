@@ -46,6 +46,7 @@ from bentosvd.generation import GenerationSettings
 from bentosvd.pipeline import Speedups, VideoGenerator, sync
 from bentosvd.temporal_attention import remove_efficient_temporal_attention
 from bentosvd.video import encode_mp4
+from config import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 # The pipeline modes the benchmark can time on a GPU (--modes), in the default order.
@@ -107,10 +108,12 @@ def run_once(gen: VideoGenerator, image: np.ndarray, settings: GenerationSetting
     sync(device)
     start = time.perf_counter()
     timings = {}
-    # Encoded as the server encodes: chunk by chunk while the video is decoded, so
-    # video_encode is what is left of it after the last frame.
+    # Encoded as the server encodes by default: chunk by chunk while the video is decoded,
+    # so video_encode is what is left of it after the last frame.
     encoder = StreamingEncode((settings.num_frames, *image.shape[:2], 3),
-                              {"format": "mp4", "fps": settings.fps}, crf=17, preset="veryfast")
+                              {"format": "mp4", "fps": settings.fps},
+                              crf=Settings.model_fields["video_crf"].default,
+                              preset=Settings.model_fields["video_preset"].default)
     try:
         frames = gen.generate(image, settings, timings=timings, on_frames=encoder.add)
     except BaseException:
