@@ -10,7 +10,7 @@ from __future__ import annotations
 from functools import cache
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 VariantName = Literal["svd", "svd_xt", "svd_image_decoder", "svd_xt_image_decoder", "svd_xt_1_1", "demo"]
@@ -143,6 +143,11 @@ class Settings(BaseSettings):
         "and only its outermost level in between (N 2-10; 0: off). Faster, and the video "
         "changes (see docs/BENCHMARKS.md).",
     )
+    step_cache_layers: int = Field(
+        0, ge=0, le=3, description="With STEP_CACHE: the steps between run only this many "
+        "layers of the UNet's outermost level (1-3, as every SVD variant's UNet has 3; 0: all of it). Fewer: faster, and "
+        "the video changes more (see docs/BENCHMARKS.md).",
+    )
     warmup: list[Literal["landscape", "portrait"]] = Field(
         ["landscape", "portrait"],
         description="Shapes compiled before /readyz turns 200 (with the fast path); a request "
@@ -162,6 +167,13 @@ class Settings(BaseSettings):
             raise ValueError("1 would run the whole UNet at every step: use 0 to turn step "
                              "caching off, or 2-10")
         return value
+
+    @model_validator(mode="after")
+    def _step_cache_layers_need_step_cache(self) -> Settings:
+        if self.step_cache_layers and not self.step_cache:
+            raise ValueError("STEP_CACHE_LAYERS applies to step caching only: set STEP_CACHE "
+                             "(2-10) too, or leave STEP_CACHE_LAYERS at 0")
+        return self
 
     @property
     def variant(self) -> Variant:

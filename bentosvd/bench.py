@@ -66,6 +66,10 @@ MODES = {
     # Step caching (bentosvd/stepcache.py): changes the output, its PSNR is the deviation.
     "step_cache2": replace(Speedups.fast(), step_cache=2),
     "step_cache3": replace(Speedups.fast(), step_cache=3),
+    # ... with the steps between running only the last 2 or 1 layers of the outermost level
+    "step_cache3_layers2": replace(Speedups.fast(), step_cache=3, step_cache_layers=2),
+    "step_cache3_layers1": replace(Speedups.fast(), step_cache=3, step_cache_layers=1),
+    "step_cache2_layers1": replace(Speedups.fast(), step_cache=2, step_cache_layers=1),
     "fp8_step_cache3": replace(Speedups.fast(), fp8=True, step_cache=3),
     "eager": Speedups(),
     "eager_cl_cudnn": Speedups(channels_last=True, cudnn_attention=True),

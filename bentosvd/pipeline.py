@@ -122,6 +122,9 @@ class Speedups:
     step_cache: N >= 2 runs the whole UNet every N-th step and only its outermost level in
         between, on the deep features kept from the last whole step (`bentosvd.stepcache`).
         Changes the output: opt-in, its deviation is measured by the benchmark. 0: off.
+    step_cache_layers: with step_cache, the steps between run only this many of the last
+        up block's layers (DeepCache's branch; 1-3 in SVD): faster, and the output changes
+        more. 0: all of them (the whole outermost level).
     """
 
     single_token_cross_attention: bool = False
@@ -136,10 +139,13 @@ class Speedups:
     fp8: bool = False
     cuda_graphs: bool = False
     step_cache: int = 0
+    step_cache_layers: int = 0
 
     def __post_init__(self):
         if self.step_cache == 1 or self.step_cache < 0:
             raise ValueError(f"step_cache must be 0 (off) or 2 or more, got {self.step_cache}")
+        if self.step_cache_layers and not self.step_cache:
+            raise ValueError("step_cache_layers applies to step caching only: set step_cache too")
         if self.step_cache and self.cuda_graphs:
             raise ValueError("step_cache cannot be combined with cuda_graphs")
 
@@ -222,7 +228,8 @@ class VideoGenerator:
         self.step_cache = None
         if speedups.step_cache:
             # Compiles its two passes itself (the choice between them stays outside).
-            self.step_cache = StepCache(unet, speedups.step_cache, compile=whole)
+            self.step_cache = StepCache(unet, speedups.step_cache, compile=whole,
+                                        layers=speedups.step_cache_layers)
         elif whole:
             unet.compile(dynamic=False, mode=mode)
         if speedups.compile_vae and self.saved_regions is None:
@@ -300,19 +307,35 @@ class VideoGenerator:
                on_frames: Callable[[np.ndarray], None] | None = None) -> np.ndarray:
         """(1, F, C, h, w) latents → (F, H, W, 3) uint8 frames, `chunk` frames per decoder
         call (diffusers' decode_chunk_size), each call's frames handed to `on_frames` as
-        in `generate`."""
+        in `generate`.
+
+        On a GPU, nothing waits between the calls: each chunk's frames are copied to the
+        host asynchronously, and chunk i is waited for (and handed on) only once the call
+        for chunk i + 1 is queued, so the GPU decodes while the host takes the frames."""
         frames = latents.shape[1]
         height, width = (side * self.pipe.vae_scale_factor for side in latents.shape[-2:])
-        chunks = []
+        lag = 1 if self.device.type == "cuda" else 0  # on the CPU every call has finished
+        chunks, copying = [], []
+
+        def hand_on(copy: HostCopy) -> None:
+            chunks.append(copy.wait())
+            if on_frames is not None:
+                on_frames(chunks[-1])
+
+        sync(self.device)
+        start = time.perf_counter()
         with self._compiled_for({("vae", n, height, width) for n in decode_calls(frames, chunk)}):
             for first in range(0, frames, chunk):
                 n = min(chunk, frames - first)
                 # The calls diffusers' decode_latents would make, one at a time.
                 decoded = self.pipe.decode_latents(latents[:, first:first + n], n, n)
-                chunks.append(to_uint8(
+                copying.append(HostCopy(
                     self.pipe.video_processor.postprocess_video(decoded, output_type="pt")[0]))
-                if on_frames is not None:
-                    on_frames(chunks[-1])
+                if len(copying) > lag:
+                    hand_on(copying.pop(0))
+            for copy in copying:
+                hand_on(copy)
+        self.phases.times["vae_decode"] += time.perf_counter() - start
         if self.speedups.low_memory:
             self.pipe.maybe_free_model_hooks()  # the VAE back to the CPU, as the pipeline does
         return np.concatenate(chunks)
@@ -364,19 +387,20 @@ class VideoGenerator:
 
 
 class PhaseTimer:
-    """Times the pipeline's image-encode and decode methods (device synchronised around
-    them, a few times per generation); the rest of a generation is the denoising loop."""
+    """Times the pipeline's image-encode methods (device synchronised around them, twice
+    per generation); `VideoGenerator.decode` adds the decode's time itself. The rest of a
+    generation is the denoising loop."""
 
-    PHASES = {"_encode_image": "image_encode", "_encode_vae_image": "image_encode",
-              "decode_latents": "vae_decode"}
+    PHASES = {"_encode_image": "image_encode", "_encode_vae_image": "image_encode"}
 
     def __init__(self, pipe, device: torch.device):
-        self.device, self.times = device, {}
+        self.device = device
+        self.reset()
         for method, phase in self.PHASES.items():
             setattr(pipe, method, self._timed(getattr(pipe, method), phase))
 
     def reset(self) -> None:
-        self.times = {phase: 0.0 for phase in self.PHASES.values()}
+        self.times = {"image_encode": 0.0, "vae_decode": 0.0}
 
     def _timed(self, fn, phase):
         def wrapper(*args, **kwargs):
@@ -428,7 +452,25 @@ def decode_calls(num_frames: int, chunk: int) -> set[int]:
     return {min(chunk, num_frames - start) for start in range(0, num_frames, chunk)}
 
 
-def to_uint8(frames: torch.Tensor) -> np.ndarray:
-    """(F, C, H, W) floats in [0, 1] → (F, H, W, C) uint8, rounded as diffusers rounds
-    (`numpy_to_pil`); done on the device so only the final bytes cross to the host."""
-    return (frames * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+class HostCopy:
+    """Decoded frames on their way to the host: (F, C, H, W) floats in [0, 1] become
+    (F, H, W, C) uint8, rounded as diffusers rounds (`numpy_to_pil`), on the device so
+    only the final bytes cross. The conversion and the copy are queued when made, and
+    `wait()` returns the frames once they are on the host. On a GPU the copy goes to
+    pinned memory without blocking, so the host can queue more work before it waits; on
+    the CPU it has finished when made."""
+
+    def __init__(self, frames: torch.Tensor):
+        frames = (frames * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+        self.event = None
+        if frames.is_cuda:
+            self.frames = frames.contiguous().to("cpu", non_blocking=True)  # pinned
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.frames = frames.contiguous()
+
+    def wait(self) -> np.ndarray:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.frames.numpy()

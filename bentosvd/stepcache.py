@@ -7,10 +7,20 @@ The UNet's deep levels change slowly from one denoising step to the next. Every
 down block, the last up block) on that kept feature. The output changes (the benchmark
 measures by how much), so this is never on by default.
 
+`layers` moves the kept feature further out, as DeepCache's choice of branch does: the
+steps between then run only the last `layers` layers of the last up block (and, for the
+skip connections those take, conv_in and the first `layers - 1` layers of the first down
+block). SVD's outermost level, with its 9216-token attention at 576x1024, is about half
+of a whole step's work, so a shallow step of all of it saves only half a step; with
+`layers=1` it is conv_in, one layer and conv_out. Fewer layers: faster, and the video
+changes more. 0 (the default): the whole outermost level.
+
 `StepCache` replaces the UNet's `forward` on the instance: diffusers' pipeline calls the
 UNet once per denoising step (conditional and unconditional halves in one batch), so the
 call count within one generation is the step index. Each of the two passes is its own
 function for torch.compile: the choice between them is made outside any compiled code.
+The layers are called one by one, as the blocks' own forwards call them, so the compiled
+blocks (`compile_regions`) serve both passes.
 """
 
 from __future__ import annotations
@@ -20,9 +30,17 @@ from diffusers.models.unets.unet_spatio_temporal_condition import UNetSpatioTemp
 
 
 class StepCache:
-    def __init__(self, unet, interval: int, compile: bool = False):
+    def __init__(self, unet, interval: int, compile: bool = False, layers: int = 0):
         # interval >= 2: checked where it is chosen (Settings, Speedups).
+        last = unet.up_blocks[-1]
+        if getattr(last, "upsamplers", None) is not None:
+            raise ValueError("step caching needs a UNet whose last up block does not upsample")
+        available = len(last.resnets)
+        if not 0 <= layers <= available:
+            raise ValueError(f"step_cache_layers must be 1-{available} for this UNet (its last up "
+                             f"block has {available} layers), or 0 for all of them; got {layers}")
         self.unet, self.interval = unet, interval
+        self.layers = layers or available
         self.calls, self.deep = 0, None
         self.full, self.shallow = self._full, self._shallow
         if compile:
@@ -65,13 +83,32 @@ class StepCache:
             kwargs["encoder_hidden_states"] = encoder_hidden_states
         return block(**kwargs)
 
+    def _layer(self, block, i, hidden, ehs, context):
+        """Layer i (a ResNet block, then its transformer if it has one) of a block, as the
+        block's own forward runs it."""
+        hidden = block.resnets[i](hidden, context["temb"],
+                                  image_only_indicator=context["image_only_indicator"])
+        if hasattr(block, "attentions"):
+            hidden = block.attentions[i](hidden, encoder_hidden_states=ehs, return_dict=False,
+                                         image_only_indicator=context["image_only_indicator"])[0]
+        return hidden
+
+    def _last_up(self, layers, hidden, residuals, ehs, context):
+        """These layers of the last up block; each takes the last of `residuals` (popped)."""
+        last = self.unet.up_blocks[-1]
+        for i in layers:
+            hidden = torch.cat([hidden, residuals.pop()], dim=1)
+            hidden = self._layer(last, i, hidden, ehs, context)
+        return hidden
+
     def _out(self, sample, hidden):
         unet = self.unet
         hidden = unet.conv_out(unet.conv_act(unet.conv_norm_out(hidden)))
         return hidden.reshape(sample.shape[0], sample.shape[1], *hidden.shape[1:])
 
     def _full(self, sample, timestep, encoder_hidden_states, added_time_ids):
-        """The whole UNet; also returns the input of the last up block (the kept feature)."""
+        """The whole UNet; also returns the input of the first layer the shallow pass runs
+        (the kept feature)."""
         unet = self.unet
         hidden, context, ehs = self._embed(sample, timestep, encoder_hidden_states, added_time_ids)
         residuals = (hidden,)
@@ -81,25 +118,27 @@ class StepCache:
         hidden = unet.mid_block(hidden_states=hidden, encoder_hidden_states=ehs, **context)
         up_factor = 2 ** unet.num_upsamplers
         forward_size = any(s % up_factor != 0 for s in sample.shape[-2:])
-        deep = None
-        for i, block in enumerate(unet.up_blocks):
-            last = i == len(unet.up_blocks) - 1
+        for block in unet.up_blocks[:-1]:
             res, residuals = residuals[-len(block.resnets):], residuals[:-len(block.resnets)]
-            size = residuals[-1].shape[2:] if forward_size and not last else None
-            if last:
-                deep = hidden
+            size = residuals[-1].shape[2:] if forward_size else None
             hidden = self._block(block, ehs, hidden_states=hidden, res_hidden_states_tuple=res,
                                  upsample_size=size, **context)
+        residuals, total = list(residuals), len(unet.up_blocks[-1].resnets)
+        hidden = self._last_up(range(total - self.layers), hidden, residuals, ehs, context)
+        deep = hidden
+        hidden = self._last_up(range(total - self.layers, total), hidden, residuals, ehs, context)
         return self._out(sample, hidden), deep
 
     def _shallow(self, sample, timestep, encoder_hidden_states, added_time_ids, deep):
-        """Only the outermost level, on the deep feature kept by the last full pass."""
+        """Only the outer layers, on the feature kept by the last full pass."""
         unet = self.unet
         hidden, context, ehs = self._embed(sample, timestep, encoder_hidden_states, added_time_ids)
-        last = unet.up_blocks[-1]
-        _, res = self._block(unet.down_blocks[0], ehs, hidden_states=hidden, **context)
-        # The last up block takes the first residuals: conv_in's output and the first down
-        # block's outputs before its downsampler.
-        residuals = ((hidden,) + res)[:len(last.resnets)]
-        hidden = self._block(last, ehs, hidden_states=deep, res_hidden_states_tuple=residuals, **context)
+        # The last up block's last `layers` layers take, last first, conv_in's output and
+        # the outputs of the first down block's first `layers - 1` layers.
+        residuals = [hidden]
+        for i in range(self.layers - 1):
+            hidden = self._layer(unet.down_blocks[0], i, hidden, ehs, context)
+            residuals.append(hidden)
+        total = len(unet.up_blocks[-1].resnets)
+        hidden = self._last_up(range(total - self.layers, total), deep, residuals, ehs, context)
         return self._out(sample, hidden)

@@ -55,6 +55,18 @@ def test_decoded_frames_are_handed_on_chunk_by_chunk(generator, chunk, sizes):
     np.testing.assert_array_equal(np.concatenate(handed), frames)
 
 
+def test_decode_on_its_own_adds_its_time_to_the_decode_phase():
+    """`decode` runs before any `generate` too (the overlap probe calls it so) and counts
+    its whole time, the frames' way to the host included, as vae_decode."""
+    gen = VideoGenerator(build_demo(4), torch.device("cpu"))
+    latents = torch.randn(1, 4, 4, 18, 32, generator=torch.Generator().manual_seed(0))
+    started = time.perf_counter()
+    frames = gen.decode(latents, 3)
+    assert frames.shape == (4, 144, 256, 3) and frames.dtype == np.uint8
+    assert 0 < gen.phases.times["vae_decode"] <= time.perf_counter() - started
+    assert gen.phases.times["image_encode"] == 0
+
+
 def test_warm_up_runs_one_step_and_skips_the_uncompiled_decoder(generator):
     calls = []
     unet_forward = generator.pipe.unet.forward

@@ -45,6 +45,47 @@ def test_the_whole_pass_is_diffusers_forward_and_the_shallow_pass_completes_it()
     assert not torch.allclose(other, whole)  # the shallow pass does use its own input
 
 
+def test_with_fewer_layers_the_shallow_pass_runs_only_the_outer_layers():
+    """STEP_CACHE_LAYERS=1: the kept feature enters the last up block's last layer, and a
+    shallow step runs conv_in, that layer and conv_out: no layer of the first down block,
+    one of the last up block. On its own whole pass's feature it still gives that pass's
+    output."""
+    unet = build_demo(4)["unet"]
+    inputs = unet_inputs()
+    ran = []
+    down, up = unet.down_blocks[0], unet.up_blocks[-1]
+    for name, module in [("down", down.resnets[0]), *[(f"up{i}", r) for i, r in enumerate(up.resnets)]]:
+        module.register_forward_hook(lambda m, a, out, name=name: ran.append(name))
+    with torch.no_grad():
+        expected = unet(*inputs).sample
+        cache = StepCache(unet, 2, layers=1)
+        ran.clear()
+        whole, deep = cache._full(*inputs)
+        assert ran == ["down", "up0", "up1"]
+        ran.clear()
+        shallow = cache._shallow(*inputs, deep)
+        assert ran == ["up1"]
+        default = StepCache(build_demo(4)["unet"], 2)
+    assert default.layers == len(up.resnets) == 2  # 0: all of them
+    torch.testing.assert_close(whole, expected, rtol=0, atol=0)
+    torch.testing.assert_close(shallow, whole, rtol=0, atol=0)
+    # Kept: the output of the last up block's first layer, not the input of the block.
+    assert deep.shape[1] == unet.config.block_out_channels[0] != unet.config.block_out_channels[1]
+
+
+def test_fewer_layers_change_the_video_more():
+    """Each setting is its own approximation of the exact video; on the demo's random
+    weights the shallower one lands further from it."""
+    exact = VideoGenerator(build_demo(4), torch.device("cpu")).generate(IMAGE, SETTINGS)
+
+    def distance(layers):
+        gen = VideoGenerator(build_demo(4), torch.device("cpu"),
+                             Speedups(step_cache=2, step_cache_layers=layers))
+        return np.abs(gen.generate(IMAGE, SETTINGS).astype(int) - exact).mean()
+
+    assert 0 < distance(2) < distance(1)
+
+
 @pytest.mark.parametrize("interval", [2, 3])
 def test_a_generation_runs_the_whole_unet_every_nth_step(interval):
     gen = VideoGenerator(build_demo(4), torch.device("cpu"), Speedups(step_cache=interval))
@@ -104,10 +145,16 @@ def test_the_compiled_passes_match_the_eager_ones(regions):
 @pytest.mark.parametrize("speedups, message", [
     (dict(step_cache=1), "step_cache must be 0"),
     (dict(step_cache=2, cuda_graphs=True), "step_cache cannot be combined with cuda_graphs"),
+    (dict(step_cache_layers=1), "set step_cache too"),
 ])
 def test_settings_that_cannot_work_are_refused(speedups, message):
     with pytest.raises(ValueError, match=message):
         Speedups(**speedups)
+
+
+def test_more_layers_than_the_unet_has_are_refused():
+    with pytest.raises(ValueError, match="step_cache_layers must be 1-2 for this UNet"):
+        VideoGenerator(build_demo(4), torch.device("cpu"), Speedups(step_cache=2, step_cache_layers=3))
 
 
 def test_the_server_serves_with_step_caching(start_server, test_image):
@@ -119,6 +166,27 @@ def test_the_server_serves_with_step_caching(start_server, test_image):
         assert "step_cache=2" in server.log.read_text(errors="replace")
     finally:
         server.stop()
+
+
+def test_the_server_serves_with_step_caching_of_one_layer(start_server, test_image):
+    server = start_server(STEP_CACHE="2", STEP_CACHE_LAYERS="1")
+    try:
+        response = post(server, test_image, {"seed": 3})
+        assert response.status_code == 200, response.text
+        assert_video(response.content, frames=DEMO.num_frames, fps=7, size=(DEMO.width, DEMO.height))
+        assert "step_cache_layers=1" in server.log.read_text(errors="replace")
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("env, message", [
+    (dict(STEP_CACHE_LAYERS="1"), "STEP_CACHE_LAYERS applies to step caching only"),
+    (dict(STEP_CACHE="2", STEP_CACHE_LAYERS="4"), "less than or equal to 3"),
+])
+def test_step_cache_layers_that_cannot_work_are_refused_at_start_up(start_server, env, message):
+    server = start_server(wait=False, **env)
+    assert server.proc.wait(120) != 0
+    assert message in server.log_text()
 
 
 def test_step_cache_1_is_refused_at_start_up(start_server):

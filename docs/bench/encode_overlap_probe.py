@@ -9,8 +9,9 @@ The server now hands each decoded chunk to a `StreamingEncode` thread
 compiled as the fast path compiles it, 25 frames of 576x1024, `decoding_t` 1) and random
 latents, the time from the latents to the MP4's bytes, three ways, interleaved:
 - before: one `decode_latents` call for the clip, then `encode_mp4` of the whole clip;
-- chunked: `VideoGenerator.decode` (one call per chunk), then `encode_mp4` (what the
-  per-chunk decoding alone costs);
+- chunked: `VideoGenerator.decode` (one call per chunk, each chunk's copy to the host
+  waited for once the next call is queued), then `encode_mp4` (what the per-chunk
+  decoding alone costs);
 - streamed: `VideoGenerator.decode` feeding a `StreamingEncode`, then its `result()`
   (what the server does now).
 Each is split into the decode (until the last frame is on the host) and what is left of
@@ -28,7 +29,7 @@ import torch
 
 from bentosvd.components import build_demo, build_synthetic
 from bentosvd.engine import StreamingEncode
-from bentosvd.pipeline import Speedups, VideoGenerator, sync, to_uint8
+from bentosvd.pipeline import HostCopy, Speedups, VideoGenerator, sync
 from bentosvd.video import encode_mp4
 
 OUT = sys.argv[1] if len(sys.argv) > 1 else "encode_overlap.json"
@@ -38,7 +39,7 @@ FPS = 7
 
 def before(gen, latents):
     decoded = gen.pipe.decode_latents(latents, latents.shape[1], 1)
-    frames = to_uint8(gen.pipe.video_processor.postprocess_video(decoded, output_type="pt")[0])
+    frames = HostCopy(gen.pipe.video_processor.postprocess_video(decoded, output_type="pt")[0]).wait()
     decoded_at = time.perf_counter()
     return decoded_at, encode_mp4(frames, FPS)
 
