@@ -157,39 +157,27 @@ def test_more_layers_than_the_unet_has_are_refused():
         VideoGenerator(build_demo(4), torch.device("cpu"), Speedups(step_cache=2, step_cache_layers=3))
 
 
-def test_the_server_serves_with_step_caching(start_server, test_image):
-    server = start_server(STEP_CACHE="2")
+@pytest.mark.parametrize("env, logged", [
+    (dict(STEP_CACHE="2"), "step_cache=2"),
+    (dict(STEP_CACHE="2", STEP_CACHE_LAYERS="1"), "step_cache_layers=1"),
+])
+def test_the_server_serves_with_step_caching(start_server, test_image, env, logged):
+    server = start_server(**env)
     try:
         response = post(server, test_image, {"seed": 3})
         assert response.status_code == 200, response.text
         assert_video(response.content, frames=DEMO.num_frames, fps=7, size=(DEMO.width, DEMO.height))
-        assert "step_cache=2" in server.log.read_text(errors="replace")
-    finally:
-        server.stop()
-
-
-def test_the_server_serves_with_step_caching_of_one_layer(start_server, test_image):
-    server = start_server(STEP_CACHE="2", STEP_CACHE_LAYERS="1")
-    try:
-        response = post(server, test_image, {"seed": 3})
-        assert response.status_code == 200, response.text
-        assert_video(response.content, frames=DEMO.num_frames, fps=7, size=(DEMO.width, DEMO.height))
-        assert "step_cache_layers=1" in server.log.read_text(errors="replace")
+        assert logged in server.log.read_text(errors="replace")
     finally:
         server.stop()
 
 
 @pytest.mark.parametrize("env, message", [
+    (dict(STEP_CACHE="1"), "use 0 to turn step caching off"),
     (dict(STEP_CACHE_LAYERS="1"), "STEP_CACHE_LAYERS applies to step caching only"),
     (dict(STEP_CACHE="2", STEP_CACHE_LAYERS="4"), "less than or equal to 3"),
 ])
-def test_step_cache_layers_that_cannot_work_are_refused_at_start_up(start_server, env, message):
+def test_step_cache_settings_that_cannot_work_are_refused_at_start_up(start_server, env, message):
     server = start_server(wait=False, **env)
     assert server.proc.wait(120) != 0
     assert message in server.log_text()
-
-
-def test_step_cache_1_is_refused_at_start_up(start_server):
-    server = start_server(wait=False, STEP_CACHE="1")
-    assert server.proc.wait(120) != 0
-    assert "use 0 to turn step caching off" in server.log_text()
