@@ -322,9 +322,8 @@ class VideoGenerator:
             if on_frames is not None:
                 on_frames(chunks[-1])
 
-        sync(self.device)
-        start = time.perf_counter()
-        with self._compiled_for({("vae", n, height, width) for n in decode_calls(frames, chunk)}):
+        shapes = {("vae", n, height, width) for n in decode_calls(frames, chunk)}
+        with self.phases.timed("vae_decode"), self._compiled_for(shapes):
             for first in range(0, frames, chunk):
                 n = min(chunk, frames - first)
                 # The calls diffusers' decode_latents would make, one at a time.
@@ -335,7 +334,6 @@ class VideoGenerator:
                     hand_on(copying.pop(0))
             for copy in copying:
                 hand_on(copy)
-        self.phases.times["vae_decode"] += time.perf_counter() - start
         if self.speedups.low_memory:
             self.pipe.maybe_free_model_hooks()  # the VAE back to the CPU, as the pipeline does
         return np.concatenate(chunks)
@@ -387,9 +385,9 @@ class VideoGenerator:
 
 
 class PhaseTimer:
-    """Times the pipeline's image-encode methods (device synchronised around them, twice
-    per generation); `VideoGenerator.decode` adds the decode's time itself. The rest of a
-    generation is the denoising loop."""
+    """Times the phases of a generation, the device synchronised around each: the
+    pipeline's image-encode methods (wrapped here) and whatever runs inside `timed(phase)`
+    (`VideoGenerator.decode`). The rest of a generation is the denoising loop."""
 
     PHASES = {"_encode_image": "image_encode", "_encode_vae_image": "image_encode"}
 
@@ -402,14 +400,18 @@ class PhaseTimer:
     def reset(self) -> None:
         self.times = {"image_encode": 0.0, "vae_decode": 0.0}
 
+    @contextlib.contextmanager
+    def timed(self, phase: str):
+        sync(self.device)
+        start = time.perf_counter()
+        yield
+        sync(self.device)
+        self.times[phase] += time.perf_counter() - start
+
     def _timed(self, fn, phase):
         def wrapper(*args, **kwargs):
-            sync(self.device)
-            start = time.perf_counter()
-            out = fn(*args, **kwargs)
-            sync(self.device)
-            self.times[phase] = self.times.get(phase, 0.0) + time.perf_counter() - start
-            return out
+            with self.timed(phase):
+                return fn(*args, **kwargs)
         return wrapper
 
 

@@ -41,6 +41,9 @@ class StepCache:
                              f"block has {available} layers), or 0 for all of them; got {layers}")
         self.unet, self.interval = unet, interval
         self.layers = layers or available
+        # The last up block's layers a shallow step runs; the whole step runs the others
+        # first and keeps what the first of these gets.
+        self.outer = range(available - self.layers, available)
         self.calls, self.deep = 0, None
         self.full, self.shallow = self._full, self._shallow
         if compile:
@@ -123,10 +126,9 @@ class StepCache:
             size = residuals[-1].shape[2:] if forward_size else None
             hidden = self._block(block, ehs, hidden_states=hidden, res_hidden_states_tuple=res,
                                  upsample_size=size, **context)
-        residuals, total = list(residuals), len(unet.up_blocks[-1].resnets)
-        hidden = self._last_up(range(total - self.layers), hidden, residuals, ehs, context)
-        deep = hidden
-        hidden = self._last_up(range(total - self.layers, total), hidden, residuals, ehs, context)
+        residuals = list(residuals)
+        deep = self._last_up(range(self.outer.start), hidden, residuals, ehs, context)
+        hidden = self._last_up(self.outer, deep, residuals, ehs, context)
         return self._out(sample, hidden), deep
 
     def _shallow(self, sample, timestep, encoder_hidden_states, added_time_ids, deep):
@@ -139,6 +141,5 @@ class StepCache:
         for i in range(self.layers - 1):
             hidden = self._layer(unet.down_blocks[0], i, hidden, ehs, context)
             residuals.append(hidden)
-        total = len(unet.up_blocks[-1].resnets)
-        hidden = self._last_up(range(total - self.layers, total), deep, residuals, ehs, context)
+        hidden = self._last_up(self.outer, deep, residuals, ehs, context)
         return self._out(sample, hidden)
