@@ -145,8 +145,8 @@ class Settings(BaseSettings):
     )
     step_cache_layers: int = Field(
         0, ge=0, le=3, description="With STEP_CACHE: the steps between run only this many "
-        "layers of the UNet's outermost level (1-3, as every SVD variant's UNet has 3; 0: all of it). Fewer: faster, and "
-        "the video changes more (see docs/BENCHMARKS.md).",
+        "layers of the UNet's outermost level (1-3, as every SVD variant's UNet has 3; 0: "
+        "all of it). Fewer: faster, and the video changes more (see docs/BENCHMARKS.md).",
     )
     warmup: list[Literal["landscape", "portrait"]] = Field(
         ["landscape", "portrait"],

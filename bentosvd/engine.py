@@ -112,14 +112,15 @@ class StreamingEncode:
 
     def _run(self, shape, output: dict, crf: int, preset: str) -> None:
         try:
-            chunks, (count, height, width, _) = self._received(), shape
+            chunks = self._received()
             if output.get("interpolate_fps"):
                 video = encode_output(np.concatenate(list(chunks)), output, crf=crf, preset=preset)
             else:
                 if output.get("boomerang"):
-                    chunks, count = boomerang_chunks(chunks), boomerang_length(count)
-                video = encode_chunks(chunks, (count, height, width, 3), output["fps"],
-                                      output["format"], crf=crf, preset=preset)
+                    chunks = boomerang_chunks(chunks)
+                    shape = (boomerang_length(shape[0]), *shape[1:])
+                video = encode_chunks(chunks, shape, output["fps"], output["format"],
+                                      crf=crf, preset=preset)
             self._video.set_result(video)
         except _Abandoned:
             self._video.set_result(None)
