@@ -49,7 +49,8 @@ def speedups_for(settings, device: str) -> Speedups:
                            compile_vae=settings.compile_vae)
     else:
         speedups = Speedups(fp8=settings.fp8)
-    return replace(speedups, step_cache=settings.step_cache, step_cache_layers=settings.step_cache_layers)
+    return replace(speedups, step_cache=settings.step_cache,
+                   step_cache_layers=settings.step_cache_layers)
 
 
 def pick_device(settings, index: int) -> str:
