@@ -45,6 +45,7 @@ from bentosvd.engine import StreamingEncode
 from bentosvd.generation import GenerationSettings
 from bentosvd.pipeline import Speedups, VideoGenerator, sync
 from bentosvd.temporal_attention import remove_efficient_temporal_attention
+from bentosvd.temporal_conv import remove_frame_conv
 from bentosvd.video import encode_mp4
 from config import Settings
 
@@ -60,6 +61,9 @@ MODES = {
     "fast_in_process": replace(Speedups.fast(), save_compiled=False),  # blocks compiled in-process
     # the temporal self-attention on cuDNN's kernel too (the default up to run z)
     "fast_cudnn_temporal_attention": replace(Speedups.fast(), efficient_temporal_attention=False),
+    # the temporal convolutions as the Conv3d layers they are declared as (the default up to
+    # 2026-11-28's run m)
+    "fast_conv3d": replace(Speedups.fast(), frame_conv=False),
     "fast_whole": replace(Speedups.fast(), compile_regions=False),  # the UNet as one graph
     "fast_cudagraphs": replace(Speedups.fast(), compile_regions=False, cuda_graphs=True),
     "fp8_eager": Speedups(fp8=True),
@@ -154,7 +158,9 @@ def measure(gen, image, settings, repeats: int) -> dict:
 KERNEL_KINDS = [
     ("attention", ("flash", "fmha", "attention", "sdpa")),
     ("fused pointwise/reduction (Triton)", ("triton_poi", "triton_per", "triton_red")),
-    ("convolution", ("conv", "fprop", "dgrad", "wgrad", "cudnn", "nchwtonhwc", "nhwctonchw")),
+    # cuDNN's own layout changes around a convolution whose input is not channels-last
+    ("convolution layout transpose", ("nchwtonhwc", "nhwctonchw")),
+    ("convolution", ("conv", "fprop", "dgrad", "wgrad", "cudnn")),
     ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "addmm", "aten::mm", "aten::bmm", "triton_tem")),
     ("norm", ("norm",)),
     ("copy", ("memcpy", "memset", "copy", "aten::cat")),
@@ -311,6 +317,8 @@ def undo(gen: VideoGenerator, parts: dict, speedups: Speedups, device) -> None:
         gen.saved_regions.remove()
     remove_single_token_cross_attention(parts["unet"])
     remove_efficient_temporal_attention(parts["unet"])
+    remove_frame_conv(parts["unet"])
+    remove_frame_conv(parts["vae"])
     if speedups.low_memory:
         gen.pipe.remove_all_hooks()
         for m in parts["unet"].modules():  # forward chunking off again
