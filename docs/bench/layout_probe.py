@@ -1,0 +1,94 @@
+"""Do the UNet's blocks run faster when the activations stay channels-last between them?
+GPU only (after `source scripts/device_bench.sh`):
+
+    python3 docs/bench/layout_probe.py $OUT/layout.json
+
+Run p's trace (2026-11-28) shows the fast path's ResNet blocks opening with a Triton kernel
+(group norm, SiLU) that writes its input again, transposed, for cuDNN's channels-last
+convolution: up to 3.5 ms for a [50, 960, 72, 128] input that a plain pass reads and writes
+in about 0.6 ms. The blocks are compiled one by one, and torch.compile gives each block's
+output the strides eager PyTorch would: contiguous NCHW (the transformer blocks end in
+`.contiguous()`), so every block starts from NCHW again.
+
+This compiles the UNet's blocks in the process (as `compile_regions` does; the decoder
+stays eager) twice on the full-size synthetic SVD-XT: as the fast path does, then with
+each block's output made channels-last inside its compiled code (so Inductor writes it
+that way to begin with) and the 2-D convolutions' weights in channels-last (so that the
+eager layers between the blocks, conv_in and the up/down-sampling convolutions, hand on
+channels-last too). For each: a guided step's time (the median of 4 steps after the first
+of a generation), its kernels by kind (bentosvd.bench.profile_step), and the video of a
+4-step generation, compared by its lowest per-frame PSNR.
+"""
+
+import json
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers.models.transformers.transformer_temporal import TransformerSpatioTemporalModel
+from diffusers.models.unets.unet_3d_blocks import SpatioTemporalResBlock
+
+from bentosvd.bench import profile_step, psnr, undo
+from bentosvd.components import build_synthetic
+from bentosvd.generation import GenerationSettings
+from bentosvd.pipeline import Speedups, VideoGenerator
+
+FAST = replace(Speedups.fast(), save_compiled=False, compile_vae=False)
+VARIANTS = {
+    "fast (NCHW between the blocks)": (FAST, False),
+    "channels-last between the blocks": (replace(FAST, channels_last=True), True),
+}
+BLOCKS = (SpatioTemporalResBlock, TransformerSpatioTemporalModel)
+OWN_FORWARD = {cls: cls.forward for cls in BLOCKS}
+
+
+def channels_last_output(forward):
+    def wrapped(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        if isinstance(out, torch.Tensor):
+            return out.contiguous(memory_format=torch.channels_last)
+        if isinstance(out, tuple):
+            return (out[0].contiguous(memory_format=torch.channels_last), *out[1:])
+        out.sample = out.sample.contiguous(memory_format=torch.channels_last)
+        return out
+    return wrapped
+
+
+def main(path: str) -> None:
+    device = torch.device("cuda")
+    parts = build_synthetic(25, device)
+    settings = GenerationSettings(num_frames=25, num_inference_steps=5, min_guidance_scale=1.0,
+                                  max_guidance_scale=3.0, fps=7, motion_bucket_id=127,
+                                  noise_aug_strength=0.02, decode_chunk_size=1, seed=0)
+    image = np.random.default_rng(0).integers(0, 256, (576, 1024, 3), dtype=np.uint8)
+    result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "variants": {}}
+    reference = None
+    for name, (speedups, channels_last_blocks) in VARIANTS.items():
+        for cls in BLOCKS:
+            cls.forward = channels_last_output(OWN_FORWARD[cls]) if channels_last_blocks else OWN_FORWARD[cls]
+        gen = VideoGenerator(parts, device, speedups)
+        t0 = time.perf_counter()
+        gen.generate(image, replace(settings, num_inference_steps=1), decode=False)
+        row = {"first_call_s": round(time.perf_counter() - t0, 1)}
+        marks = []
+        torch.cuda.synchronize()
+        frames = gen.generate(image, settings, on_step=lambda i, n: marks.append(time.perf_counter()))
+        row["step_s"] = statistics.median(b - a for a, b in zip(marks, marks[1:]))
+        if reference is None:
+            reference = frames
+        row["min_psnr_db_vs_first"] = psnr(frames, reference)
+        row["profile"] = profile_step(gen, image, settings)
+        result["variants"][name] = row
+        print(name, json.dumps({k: v for k, v in row.items() if k != "profile"}), flush=True)
+        Path(path).write_text(json.dumps(result, indent=1))
+        undo(gen, parts, speedups, device)  # also the weights' layout
+        del gen
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
