@@ -64,6 +64,8 @@ MODES = {
     # the temporal convolutions as the Conv3d layers they are declared as (the default up to
     # 2026-11-28's run m)
     "fast_conv3d": replace(Speedups.fast(), frame_conv=False),
+    # NCHW between the UNet's compiled blocks (the default up to 2026-11-28's run q)
+    "fast_nchw_blocks": replace(Speedups.fast(), channels_last_blocks=False),
     "fast_whole": replace(Speedups.fast(), compile_regions=False),  # the UNet as one graph
     "fast_cudagraphs": replace(Speedups.fast(), compile_regions=False, cuda_graphs=True),
     "fp8_eager": Speedups(fp8=True),
@@ -312,7 +314,6 @@ def bench_pipeline(args, device, dtype, save=lambda r: None) -> dict:
 
 def undo(gen: VideoGenerator, parts: dict, speedups: Speedups, device) -> None:
     """Give the next mode the plain parts back (compiled wrappers, offload hooks removed)."""
-    parts["unet"].__dict__.pop("forward", None)  # the step cache's
     if gen.saved_regions is not None:
         gen.saved_regions.remove()
     remove_single_token_cross_attention(parts["unet"])
@@ -327,6 +328,8 @@ def undo(gen: VideoGenerator, parts: dict, speedups: Speedups, device) -> None:
         for module in parts.values():
             if isinstance(module, torch.nn.Module):
                 module.to(device)
+    for m in parts["unet"].modules():  # the step cache's forward, the blocks' channels-last ones
+        m.__dict__.pop("forward", None)
     for m in [*parts["unet"].modules(), *parts["vae"].modules()]:
         m._compiled_call_impl = None
         if isinstance(m, torch.nn.Conv2d):

@@ -43,50 +43,59 @@ logger = logging.getLogger("bentoml.svd")
 FORMAT = 1
 
 
+def _own_forward(block: torch.nn.Module) -> Callable:
+    return type(block).forward
+
+
 class SavedRegions:
-    """Takes over the forward of each of `blocks`."""
+    """Takes over the forward of each of `blocks`: `forward_of(block)`, a function of the
+    block and its inputs (by default its class's forward), is what is compiled and, where
+    nothing compiled applies, run eagerly."""
 
     def __init__(self, blocks: list[torch.nn.Module], cache_dir: Path,
-                 may_build: Callable[[], bool] = lambda: True):
+                 may_build: Callable[[], bool] = lambda: True,
+                 forward_of: Callable[[torch.nn.Module], Callable] = _own_forward):
         self.cache_dir, self.may_build = Path(cache_dir), may_build
         # Files loaded, compiled (and saved), and blocks compiled in-process instead.
         self.counts: Counter[str] = Counter()
         # key -> (compiled callable or None for eager, whether its guards are to be checked)
         self._functions: dict[tuple, tuple[Callable | None, bool]] = {}
-        self._in_process: dict[type, Callable] = {}  # class -> torch.compile'd forward
+        self._in_process: dict[Callable, Callable] = {}  # forward -> torch.compile'd forward
         self._blocks = list(blocks)
-        # The in-process fallback keeps one compiled version per class and shape.
+        # The in-process fallback keeps one compiled version per forward and shape.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 128)
         for block in self._blocks:
+            forward = forward_of(block)
             # What the block's compiled code depends on besides its inputs, digested once.
-            identity = _hash(repr((_structure(block), _sources_digest(block))))
-            block.forward = functools.partial(self._call, block, identity)  # the class's forward stays eager
+            identity = _hash(repr((_structure(block), _sources_digest(block), _function_digest(forward))))
+            # The class's forward stays as it is: this instance's forward is the dispatcher.
+            block.forward = functools.partial(self._call, block, identity, forward)
 
     def remove(self) -> None:
         """Give the blocks their own forward back."""
         for block in self._blocks:
             block.__dict__.pop("forward", None)
 
-    def _call(self, block: torch.nn.Module, identity: str, *args, **kwargs):
+    def _call(self, block: torch.nn.Module, identity: str, forward: Callable, *args, **kwargs):
         key = (identity, _describe(args), _describe(sorted(kwargs.items())), torch.is_grad_enabled())
         if key not in self._functions:
             if not self.may_build():
-                return type(block).forward(block, *args, **kwargs)
-            self._functions[key] = self._build(key, block, args, kwargs)
+                return forward(block, *args, **kwargs)
+            self._functions[key] = self._build(key, block, forward, args, kwargs)
         fn, guarded = self._functions[key]
         if fn is None:
-            return type(block).forward(block, *args, **kwargs)
+            return forward(block, *args, **kwargs)
         if guarded and not fn.guard_check(block, *args, **kwargs):
             # The key covers what the guards check; this is a safety net, not a path.
             logger.warning("the compiled %s rejected its inputs; these run eagerly from now on",
                            type(block).__name__)
             self._functions[key] = (None, False)
-            return type(block).forward(block, *args, **kwargs)
+            return forward(block, *args, **kwargs)
         return fn(block, *args, **kwargs)
 
     # -------------------------------------------------------------- files on disk
 
-    def _build(self, key: tuple, block: torch.nn.Module, args: tuple, kwargs: dict):
+    def _build(self, key: tuple, block: torch.nn.Module, forward: Callable, args: tuple, kwargs: dict):
         name = type(block).__name__
         path = self.cache_dir / f"{name}-{_digest(key, block)}.bin"
         if path.exists():
@@ -107,12 +116,12 @@ class SavedRegions:
                                type(e).__name__, str(e).strip().split("\n")[0][:300])
         started = time.perf_counter()
         try:
-            fn = _compile(block, args, kwargs)
+            fn = _compile(forward, block, args, kwargs)
         except Exception as e:
             self.counts["in_process"] += 1
             logger.warning("could not compile %s ahead of time (%s: %s); compiling it in-process",
                            name, type(e).__name__, str(e).strip().split("\n")[0][:300])
-            return self._in_process_compiled(type(block)), False
+            return self._in_process_compiled(forward), False
         self.counts["compiled"] += 1
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -122,16 +131,16 @@ class SavedRegions:
         logger.info("compiled %s ahead of time in %.1f s: %s", name, time.perf_counter() - started, path)
         return fn, True
 
-    def _in_process_compiled(self, cls: type) -> Callable:
-        if cls not in self._in_process:
-            self._in_process[cls] = torch.compile(cls.forward, dynamic=False)
-        return self._in_process[cls]
+    def _in_process_compiled(self, forward: Callable) -> Callable:
+        if forward not in self._in_process:
+            self._in_process[forward] = torch.compile(forward, dynamic=False)
+        return self._in_process[forward]
 
 
-def _compile(block: torch.nn.Module, args: tuple, kwargs: dict):
+def _compile(forward: Callable, block: torch.nn.Module, args: tuple, kwargs: dict):
     if hasattr(torch._dynamo.config, "enable_aot_compile"):
         torch._dynamo.config.enable_aot_compile = True  # off by default in some torch versions
-    compiled = torch.compile(type(block).forward, fullgraph=True, dynamic=False,
+    compiled = torch.compile(forward, fullgraph=True, dynamic=False,
                              options={"guard_filter_fn": _portable_guards})
     if not hasattr(compiled, "aot_compile"):
         raise RuntimeError(f"torch {torch.__version__} has no torch.compile(...).aot_compile")
@@ -186,6 +195,11 @@ def _sources_digest(block: torch.nn.Module) -> str:
         modules.add(type(module).__module__)
         modules.update(type(v).__module__ for k, v in vars(module).items() if not k.startswith("_"))
     return _hash(" ".join(f"{name}:{_module_source_digest(name)}" for name in sorted(modules)))
+
+
+def _function_digest(fn: Callable) -> str:
+    """The function compiled for a block: its name and its module's source."""
+    return f"{fn.__module__}.{fn.__qualname__}:{_module_source_digest(fn.__module__)}"
 
 
 @functools.cache

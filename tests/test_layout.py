@@ -1,0 +1,106 @@
+"""Channels-last activations between the UNet's compiled blocks (bentosvd/layout.py), on
+the CPU with the demo parts: every block then gets and returns channels-last, compiled
+ahead of time or in the process, a restart loads its own files (not the NCHW blocks'),
+and the video is the same within rounding. Its speed is measured on a GPU
+(docs/BENCHMARKS.md, 2026-11-28 run q)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from diffusers.models.transformers.transformer_temporal import TransformerTemporalModelOutput
+
+from bentosvd.components import build_demo
+from bentosvd.layout import channels_last_output
+from bentosvd.pipeline import UNET_REGIONS, Speedups, VideoGenerator, compile_regions
+from tests.test_saved_regions import IMAGE, SAVED, SETTINGS, assert_close, warmed
+
+CHANNELS_LAST = replace(SAVED, channels_last_blocks=True)
+
+
+def test_the_fast_path_uses_it():
+    assert Speedups.fast().channels_last_blocks
+    assert not Speedups.low_memory_mode().channels_last_blocks
+    assert not Speedups().channels_last_blocks
+
+
+def is_channels_last(x: torch.Tensor) -> bool:
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def test_the_output_is_made_channels_last_and_nothing_else_changes():
+    x = torch.randn(2, 3, 4, 5)
+
+    def forward(self, kind):
+        return {"tensor": x, "tuple": (x, 7),
+                "object": TransformerTemporalModelOutput(sample=x),
+                "rank 5": x[None]}[kind]
+
+    wrapped = channels_last_output(forward)
+    assert wrapped is channels_last_output(forward)  # one per class: compiled code is shared
+    out = wrapped(None, "tensor")
+    assert is_channels_last(out) and torch.equal(out, x)
+    first, rest = wrapped(None, "tuple")
+    assert is_channels_last(first) and torch.equal(first, x) and rest == 7
+    assert is_channels_last(wrapped(None, "object").sample)
+    assert wrapped(None, "rank 5").is_contiguous()  # only images have a channels-last
+
+
+def record_layouts(unet) -> list[tuple[bool, bool]]:
+    """(input, output) channels-last for every block call from now on."""
+    seen = []
+
+    def hook(module, args, kwargs, out):
+        x = args[0] if args else kwargs["hidden_states"]
+        seen.append((is_channels_last(x), is_channels_last(out[0] if isinstance(out, tuple) else out)))
+    for m in unet.modules():
+        if type(m).__name__ in UNET_REGIONS:
+            m.register_forward_hook(hook, with_kwargs=True)
+    return seen
+
+
+@pytest.fixture(scope="module")
+def eager_frames():
+    return VideoGenerator(build_demo(4), torch.device("cpu")).generate(IMAGE, SETTINGS)
+
+
+def test_saved_blocks_get_and_return_channels_last_and_a_restart_loads_them(tmp_path, eager_frames):
+    gen = warmed(build_demo(4), tmp_path, CHANNELS_LAST)
+    assert set(gen.saved_regions.counts) == {"compiled"}, gen.saved_regions.counts
+    seen = record_layouts(gen.pipe.unet)
+    frames = gen.generate(IMAGE, SETTINGS)
+    blocks = [m for m in gen.pipe.unet.modules() if type(m).__name__ in UNET_REGIONS]
+    # each block called once per step (the guidance batch is one call)
+    assert len(seen) == len(blocks) * SETTINGS.num_inference_steps, seen
+    assert all(given and returned for given, returned in seen), seen
+    assert_close(frames, eager_frames)
+
+    again = warmed(build_demo(4), tmp_path, CHANNELS_LAST)  # the restart: same files
+    assert set(again.saved_regions.counts) == {"loaded"}, again.saved_regions.counts
+    assert np.array_equal(again.generate(IMAGE, SETTINGS), frames)
+
+
+def test_the_nchw_blocks_files_are_not_taken_for_them(tmp_path):
+    """A block's file holds the layout of its output: switching compiles the UNet's blocks
+    afresh (the decoder, not wrapped, keeps its file)."""
+    warmed(build_demo(4), tmp_path, SAVED)
+    before = set(tmp_path.glob("*.bin"))
+    gen = warmed(build_demo(4), tmp_path, CHANNELS_LAST)
+    new = set(tmp_path.glob("*.bin")) - before
+    assert new and all(not p.name.startswith("TemporalDecoder-") for p in new)
+    assert gen.saved_regions.counts["loaded"] == 1  # the decoder
+    assert gen.saved_regions.counts["compiled"] == len(new)
+
+
+@torch.no_grad()
+def test_blocks_compiled_in_process_return_channels_last_too():
+    unet = build_demo(4)["unet"]
+    unet(torch.randn(1, 4, 8, 8, 8), torch.tensor(10.0), torch.randn(1, 1, 32), torch.randn(1, 3))
+    torch._dynamo.reset()
+    compile_regions(unet, UNET_REGIONS, None, channels_last=True)
+    seen = record_layouts(unet)
+    unet(torch.randn(1, 4, 8, 8, 8), torch.tensor(10.0), torch.randn(1, 1, 32), torch.randn(1, 3))
+    assert seen and all(out for _, out in seen)
