@@ -240,17 +240,19 @@ class VideoGenerator:
         # tensors (never tried through aot_compile): those compile in-process, as measured.
         saved = speedups.save_compiled and not (speedups.cuda_graphs or speedups.fp8)
         if regions and saved and cache_dir is not None:
-            unet_blocks = [m for m in unet.modules() if type(m).__name__ in UNET_REGIONS]
+            blocks = [m for m in unet.modules() if type(m).__name__ in UNET_REGIONS]
+            if speedups.compile_vae:
+                blocks.append(vae.decoder)
 
-            def forward_of(block):
-                if speedups.channels_last_blocks and any(block is b for b in unet_blocks):
-                    return channels_last_output(type(block).forward)
-                return type(block).forward
+            def forward_of(block):  # the UNet's blocks hand on channels-last, the decoder not
+                own = type(block).forward
+                return (channels_last_output(own) if speedups.channels_last_blocks
+                        and block is not vae.decoder else own)
 
             # Built only while new shapes may compile (the warm-up).
-            self.saved_regions = SavedRegions(
-                unet_blocks + ([vae.decoder] if speedups.compile_vae else []), cache_dir,
-                may_build=lambda: self.compile_new_shapes, forward_of=forward_of)
+            self.saved_regions = SavedRegions(blocks, cache_dir,
+                                              may_build=lambda: self.compile_new_shapes,
+                                              forward_of=forward_of)
         elif regions:
             compile_regions(unet, UNET_REGIONS, mode, channels_last=speedups.channels_last_blocks)
         whole = speedups.compile_unet and not speedups.compile_regions
