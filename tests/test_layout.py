@@ -104,3 +104,17 @@ def test_blocks_compiled_in_process_return_channels_last_too():
     seen = record_layouts(unet)
     unet(torch.randn(1, 4, 8, 8, 8), torch.tensor(10.0), torch.randn(1, 1, 32), torch.randn(1, 3))
     assert seen and all(out for _, out in seen)
+
+
+def test_step_caching_keeps_to_the_warmed_blocks(tmp_path):
+    """STEP_CACHE's shallow steps hand the kept (channels-last) feature to the outer blocks
+    with the strides a whole step hands them: the request runs on what the warm-up built,
+    nothing more (new shapes stay allowed here, so a miss would show as a compile)."""
+    settings = replace(SETTINGS, num_inference_steps=4)
+    speedups = replace(CHANNELS_LAST, step_cache=2)
+    expected = VideoGenerator(build_demo(4), torch.device("cpu"), Speedups(step_cache=2)).generate(IMAGE, settings)
+    gen = VideoGenerator(build_demo(4), torch.device("cpu"), speedups, tmp_path)
+    gen.warm_up(4, 144, 256)
+    counts = dict(gen.saved_regions.counts)
+    assert_close(gen.generate(IMAGE, settings), expected)
+    assert dict(gen.saved_regions.counts) == counts
