@@ -192,6 +192,13 @@ class Speedups:
 UNET_REGIONS = ("SpatioTemporalResBlock", "TransformerSpatioTemporalModel")
 
 
+def region_forward(block: torch.nn.Module, channels_last: bool) -> Callable:
+    """What is compiled for a block: its class's forward, with `channels_last` its output
+    made channels-last (`bentosvd.layout`)."""
+    own = type(block).forward
+    return channels_last_output(own) if channels_last else own
+
+
 def compile_regions(model: torch.nn.Module, class_names: tuple[str, ...], mode: str | None,
                     channels_last: bool = False) -> None:
     """torch.compile each block of these classes on its own (with `channels_last`, its
@@ -203,7 +210,7 @@ def compile_regions(model: torch.nn.Module, class_names: tuple[str, ...], mode: 
     for module in model.modules():
         if type(module).__name__ in class_names:
             if channels_last:
-                module.forward = types.MethodType(channels_last_output(type(module).forward), module)
+                module.forward = types.MethodType(region_forward(module, channels_last), module)
             module.compile(dynamic=False, mode=mode)
 
 
@@ -243,16 +250,12 @@ class VideoGenerator:
             blocks = [m for m in unet.modules() if type(m).__name__ in UNET_REGIONS]
             if speedups.compile_vae:
                 blocks.append(vae.decoder)
-
-            def forward_of(block):  # the UNet's blocks hand on channels-last, the decoder not
-                own = type(block).forward
-                return (channels_last_output(own) if speedups.channels_last_blocks
-                        and block is not vae.decoder else own)
-
-            # Built only while new shapes may compile (the warm-up).
-            self.saved_regions = SavedRegions(blocks, cache_dir,
-                                              may_build=lambda: self.compile_new_shapes,
-                                              forward_of=forward_of)
+            # Built only while new shapes may compile (the warm-up). The UNet's blocks
+            # hand on channels-last, the decoder not.
+            self.saved_regions = SavedRegions(
+                blocks, cache_dir, may_build=lambda: self.compile_new_shapes,
+                forward_of=lambda block: region_forward(
+                    block, speedups.channels_last_blocks and block is not vae.decoder))
         elif regions:
             compile_regions(unet, UNET_REGIONS, mode, channels_last=speedups.channels_last_blocks)
         whole = speedups.compile_unet and not speedups.compile_regions

@@ -1,4 +1,4 @@
-"""SVD's temporal convolutions as batched matrix products, with no layout changes.
+"""SVD's temporal convolutions as batched matrix products, without cuDNN's layout transposes.
 
 Each temporal ResNet block of SVD's UNet (22 blocks, 44 convolutions) and of its VAE's
 temporal decoder mixes neighbouring frames with a `Conv3d` whose kernel spans frames only,
@@ -25,7 +25,10 @@ product over overlapping windows of one buffer (a strided view, nothing copied),
 output is [batch * frames, out channels, height * width], the spatial layers' own shape.
 The windows that straddle two batch rows are computed and dropped (2 of 52 for SVD-XT's
 guidance batch of 2). A clip of one frame (the decoder at `decoding_t` 1) takes the
-middle tap alone, the only one that meets data.
+middle tap alone, the only one that meets data. With the activations channels-last
+between the UNet's blocks (`bentosvd.layout`), the norm kernel writes that buffer from a
+channels-last input, transposing inside the pass it makes anyway (run q measured the
+two together).
 
 Measured (H100, run n, against the Conv3d in the same run): a guided step's kernels
 412.5 ms instead of 426.4 ms (transposes 3.1 ms instead of 16.8; cuDNN's convolution
