@@ -10,13 +10,20 @@ about 0.6 ms (H100, 2026-11-28 run p), and the eager up- and down-sampling convo
 between the blocks had cuDNN transpose theirs.
 
 `channels_last_output` makes a block's output channels-last inside its compiled code, so
-Inductor writes it that way to begin with; with the UNet's 2-D convolution weights
-channels-last too, the eager layers between the blocks (conv_in, the samplers, the skip
-connections' concatenation) hand channels-last on, and every block gets and returns it.
-A guided step took 420.9 ms instead of 428.0 ms, the fused Triton kernels 123.5 ms
-instead of 131.2 ms and the transposes none instead of 3.1 ms (run q,
+Inductor writes it that way to begin with. The eager layers between the blocks (the
+samplers' convolutions, the skip connections' concatenation) hand channels-last on,
+since an eager convolution returns the layout of its input; only conv_in's output, from
+the NCHW latents, is NCHW, so the two blocks it feeds (the first one, and the last
+through its skip connection) get NCHW. A guided step took 420.9 ms instead of 428.0 ms
+(H100, run q, with the convolution weights channels-last too), and 402.2 ms on an H200
+with the weights left NCHW, against 405.7 ms with them channels-last (run u,
 docs/bench/layout_probe.py, one process). Only the memory layout changes: the video is
 the same within fp16 rounding (62.7 dB lowest per-frame PSNR).
+
+Run eagerly, which is how the server runs a shape its warm-up did not compile, the
+output is left as the block made it: eager blocks and convolutions on channels-last
+activations made a step 12% slower (0.658 s against 0.589 s, H200, run t,
+docs/bench/fallback_probe.py), so the fallback stays NCHW (0.584 s, run v).
 """
 
 from __future__ import annotations
@@ -34,6 +41,8 @@ def channels_last_output(forward: Callable) -> Callable:
 
     def wrapped(self, *args, **kwargs):
         out = forward(self, *args, **kwargs)
+        if not torch.compiler.is_compiling():
+            return out  # run eagerly (a shape not warmed up): NCHW, as eager runs best
         if isinstance(out, torch.Tensor):
             return _channels_last(out)
         if isinstance(out, tuple):
@@ -50,7 +59,8 @@ def _channels_last(x: torch.Tensor) -> torch.Tensor:
 
 def use_channels_last_weights(model: torch.nn.Module) -> None:
     """The model's 2-D convolution weights in channels-last, so that eager convolutions
-    return channels-last (the temporal layers' rank-5 weights stay as they are)."""
+    return channels-last whatever their input (the temporal layers' rank-5 weights stay as
+    they are). For `Speedups.channels_last`; channels-last blocks leave the weights NCHW."""
     for module in model.modules():
         if isinstance(module, torch.nn.Conv2d):
             module.to(memory_format=torch.channels_last)

@@ -105,9 +105,10 @@ class Speedups:
         and output to and from channels-last around its 3-D convolution.
     channels_last: convolutions in NHWC, the layout cuDNN's fp16 kernels want.
     channels_last_blocks: with compile_regions, the activations stay channels-last between
-        the UNet's compiled blocks (each returns its output channels-last, the UNet's 2-D
-        convolution weights are channels-last for the eager layers between them), instead
-        of each block transposing its NCHW input for its convolutions (`bentosvd.layout`).
+        the UNet's compiled blocks (each returns its output channels-last, and the eager
+        layers between them hand that layout on), instead of each block transposing its
+        NCHW input for its convolutions (`bentosvd.layout`). Blocks run eagerly (a shape
+        not warmed up) stay NCHW.
     cudnn_attention: prefer cuDNN's fused attention (fastest on Hopper), then FlashAttention.
     compile_unet / compile_vae: torch.compile of the UNet / of the VAE's decoder; the first
         call per shape compiles (minutes cold, much less with a warm TORCHINDUCTOR_CACHE_DIR).
@@ -176,7 +177,9 @@ class Speedups:
         # kernel for the temporal self-attention took a step from 440.8 to 436.5 ms (H100).
         # The temporal convolutions as batched products: the steps 10.77 s instead of
         # 10.94 s, the decode 0.78 s instead of 0.89 s (H100). Channels-last between the
-        # blocks: a step 420.9 ms instead of 428.0 ms (H100, compiled in-process).
+        # blocks: a step 420.9 ms instead of 428.0 ms (H100, compiled in-process), the
+        # pipeline 11.11 s instead of 11.22 s (H200); with the convolution weights left
+        # NCHW, a step 402.2 instead of 405.7 ms (H200), and the eager fallback unslowed.
         return cls(single_token_cross_attention=True, efficient_temporal_attention=True,
                    frame_conv=True, channels_last_blocks=True, compile_unet=True,
                    compile_regions=True, save_compiled=True, compile_vae=True)
@@ -234,8 +237,6 @@ class VideoGenerator:
         if speedups.channels_last:
             use_channels_last_weights(unet)
             use_channels_last_weights(vae)
-        elif speedups.channels_last_blocks:
-            use_channels_last_weights(unet)
         if speedups.fp8:
             quantize_fp8(unet, device)
         # dynamic=False: each image orientation gets kernels of its own fixed shape; letting

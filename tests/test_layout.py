@@ -1,8 +1,9 @@
 """Channels-last activations between the UNet's compiled blocks (bentosvd/layout.py), on
-the CPU with the demo parts: every block then gets and returns channels-last, compiled
-ahead of time or in the process, a restart loads its own files (not the NCHW blocks'),
-and the video is the same within rounding. Its speed is measured on a GPU
-(docs/BENCHMARKS.md, 2026-11-28 run q)."""
+the CPU with the demo parts: every compiled block then returns channels-last, ahead of
+time or in the process, and all but the two fed by conv_in get it; a restart loads its
+own files (not the NCHW blocks'); a shape not warmed up runs eagerly in NCHW; and the
+video is the same within rounding. Its speed is measured on a GPU (docs/BENCHMARKS.md,
+2026-11-28 runs q, u and v)."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def is_channels_last(x: torch.Tensor) -> bool:
     return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
-def test_the_output_is_made_channels_last_and_nothing_else_changes():
+def test_the_output_is_made_channels_last_in_compiled_code_and_nothing_else_changes():
     x = torch.randn(2, 3, 4, 5)
 
     def forward(self, kind):
@@ -41,12 +42,16 @@ def test_the_output_is_made_channels_last_and_nothing_else_changes():
 
     wrapped = channels_last_output(forward)
     assert wrapped is channels_last_output(forward)  # one per class: compiled code is shared
-    out = wrapped(None, "tensor")
+    compiled = torch.compile(wrapped, backend="eager", fullgraph=True)
+    out = compiled(None, "tensor")
     assert is_channels_last(out) and torch.equal(out, x)
-    first, rest = wrapped(None, "tuple")
+    first, rest = compiled(None, "tuple")
     assert is_channels_last(first) and torch.equal(first, x) and rest == 7
-    assert is_channels_last(wrapped(None, "object").sample)
-    assert wrapped(None, "rank 5").is_contiguous()  # only images have a channels-last
+    assert is_channels_last(compiled(None, "object").sample)
+    assert compiled(None, "rank 5").is_contiguous()  # only images have a channels-last
+    # Run eagerly (a shape the warm-up did not compile), the block's output is its own.
+    assert wrapped(None, "tensor") is x
+    assert wrapped(None, "tuple")[0] is x
 
 
 def record_layouts(unet) -> list[tuple[bool, bool]]:
@@ -75,7 +80,12 @@ def test_saved_blocks_get_and_return_channels_last_and_a_restart_loads_them(tmp_
     blocks = [m for m in gen.pipe.unet.modules() if type(m).__name__ in UNET_REGIONS]
     # each block called once per step (the guidance batch is one call)
     assert len(seen) == len(blocks) * SETTINGS.num_inference_steps, seen
-    assert all(given and returned for given, returned in seen), seen
+    assert all(returned for _, returned in seen), seen
+    # The convolution weights stay NCHW: conv_in's output is NCHW, and so is what the two
+    # blocks it feeds get (the first one, and the last up block's through the skip
+    # connection); every other block gets channels-last from the one before it.
+    given_nchw = [i % len(blocks) for i, (given, _) in enumerate(seen) if not given]
+    assert given_nchw == [0, len(blocks) - 2] * SETTINGS.num_inference_steps, seen
     assert_close(frames, eager_frames)
 
     again = warmed(build_demo(4), tmp_path, CHANNELS_LAST)  # the restart: same files
@@ -93,6 +103,21 @@ def test_the_nchw_blocks_files_are_not_taken_for_them(tmp_path):
     assert new and all(not p.name.startswith("TemporalDecoder-") for p in new)
     assert gen.saved_regions.counts["loaded"] == 1  # the decoder
     assert gen.saved_regions.counts["compiled"] == len(new)
+
+
+def test_a_shape_not_warmed_up_runs_eagerly_in_nchw(tmp_path):
+    """The fallback for a shape the warm-up left out runs the blocks eagerly; there the
+    layout stays NCHW, as eager runs fastest (channels-last eager blocks made a step 12%
+    slower: docs/BENCHMARKS.md, H200 run t)."""
+    gen = warmed(build_demo(4), tmp_path, CHANNELS_LAST)
+    built = dict(gen.saved_regions.counts)
+    seen = record_layouts(gen.pipe.unet)
+    portrait = np.ascontiguousarray(IMAGE.transpose(1, 0, 2))
+    frames = gen.generate(portrait, SETTINGS)
+    assert dict(gen.saved_regions.counts) == built  # nothing compiled for it
+    assert seen and not any(given or returned for given, returned in seen), seen
+    eager = VideoGenerator(build_demo(4), torch.device("cpu")).generate(portrait, SETTINGS)
+    assert_close(frames, eager)
 
 
 @torch.no_grad()

@@ -16,13 +16,17 @@ then with `channels_last_blocks` (`bentosvd/layout.py`: each block's output made
 channels-last inside its compiled code, so Inductor writes it that way to begin with, and
 the UNet's 2-D convolution weights channels-last, so that the eager layers between the
 blocks, conv_in and the up/down-sampling convolutions, hand on channels-last too; run q
-patched the block classes' forward in the probe itself to the same effect). For each: a
+patched the block classes' forward in the probe itself to the same effect). Since run u
+the weights are a variant of their own: `channels_last_blocks` leaves them NCHW (the
+samplers' convolutions return the layout of their input), the third variant makes them
+channels-last as run q did. ONLY=1,2 runs just those two (run u). For each: a
 guided step's time (the median of the 4 steps after the first of a 5-step generation),
 its kernels by kind (bentosvd.bench.profile_step), and that generation's video, compared
 by its lowest per-frame PSNR.
 """
 
 import json
+import os
 import statistics
 import sys
 import time
@@ -35,13 +39,18 @@ import torch
 from bentosvd.bench import profile_step, psnr, undo
 from bentosvd.components import build_synthetic
 from bentosvd.generation import GenerationSettings
+from bentosvd.layout import use_channels_last_weights
 from bentosvd.pipeline import Speedups, VideoGenerator
 
 NCHW = replace(Speedups.fast(), save_compiled=False, compile_vae=False, channels_last_blocks=False)
+# name -> (speedups, whether the UNet's 2-D convolution weights are made channels-last too)
 VARIANTS = {
-    "fast (NCHW between the blocks)": NCHW,
-    "channels-last between the blocks": replace(NCHW, channels_last_blocks=True),
+    "fast (NCHW between the blocks)": (NCHW, False),
+    "channels-last between the blocks": (replace(NCHW, channels_last_blocks=True), False),
+    "channels-last between the blocks, channels-last weights": (
+        replace(NCHW, channels_last_blocks=True), True),
 }
+ONLY = os.environ.get("ONLY")  # a comma-separated list of variant numbers, from 0
 
 
 def main(path: str) -> None:
@@ -53,8 +62,12 @@ def main(path: str) -> None:
     image = np.random.default_rng(0).integers(0, 256, (576, 1024, 3), dtype=np.uint8)
     result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "variants": {}}
     reference = None
-    for name, speedups in VARIANTS.items():
+    for number, (name, (speedups, cl_weights)) in enumerate(VARIANTS.items()):
+        if ONLY and str(number) not in ONLY.split(","):
+            continue
         gen = VideoGenerator(parts, device, speedups)
+        if cl_weights:
+            use_channels_last_weights(parts["unet"])
         t0 = time.perf_counter()
         gen.generate(image, replace(settings, num_inference_steps=1), decode=False)
         row = {"first_call_s": round(time.perf_counter() - t0, 1)}
