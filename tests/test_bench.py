@@ -82,3 +82,17 @@ def test_the_table_says_where_each_server_start_went():
     # A start whose log said nothing (cut short) still gets its line.
     assert table({"server": {"cold_cache": {"ready_s": 5.0, "latency_s": 1.0}}}) == (
         "server, cold_cache: ready 5.0 s, latency 1.00 s")
+
+
+def test_the_table_gives_no_rate_where_steps_run_part_of_the_unet():
+    """A step-caching mode's cached steps run part of the UNet: its FLOPs over their time
+    is no rate (it read 890 TFLOP/s on an H200), so the table leaves that cell empty."""
+    from bentosvd.bench import table
+
+    phases = {"image_encode": 0.09, "unet_steps": 10.26, "vae_decode": 0.70, "video_encode": 0.06}
+    mode = {"seconds": 11.11, "speedup_vs_vanilla": 1.68, "phases": phases, "peak_gib": 9.8,
+            "unet_tflops": 389.5, "psnr_vs_eager_db": 63.9}
+    rows = table({"pipeline": {"vanilla": {"seconds": 18.67, "peak_gib": 12.0}, "modes": {
+        "fast": mode, "step_cache3": {**mode, "unet_tflops": None}}}}).splitlines()
+    assert rows[3] == "| (b) fast | 11.11 | 1.68× | 0.09 | 10.26 | 0.70 | 0.06 | 9.8 | 389.5 | 63.9 |"
+    assert rows[4] == "| (b) step_cache3 | 11.11 | 1.68× | 0.09 | 10.26 | 0.70 | 0.06 | 9.8 | – | 63.9 |"
