@@ -5,16 +5,16 @@
 
 A request whose shape is not in `WARMUP` (or of another frame count) runs the models
 eagerly instead of compiling for minutes inside the request (`VideoGenerator._compiled_for`).
-In run t (H200, 2026-11-28) `channels_last_blocks` made the UNet's 2-D convolution
-weights channels-last and each block hand its output on channels-last also when the
-block ran eagerly; since run v the weights stay NCHW and an eager block's output is left
-as it is, so the fallback runs NCHW as before (the variants' names are as in run t). This builds the full-size synthetic SVD-XT once and, for
-each variant, a `VideoGenerator` as the server builds it (blocks saved under a fresh
-cache folder) that is told no shape may compile any more, so every block runs eagerly:
+This builds the full-size synthetic SVD-XT once and, for each variant, a `VideoGenerator`
+as the server builds it (blocks saved under a fresh cache folder) that is told no shape
+may compile any more, so every block runs eagerly:
 
 - plain eager diffusers (no speedups);
-- the fast path's eager fallback (channels-last UNet weights and block outputs);
-- the same without `channels_last_blocks` (the fallback as it was before run q).
+- the fast path's eager fallback. In run t (H200, 2026-11-28) `channels_last_blocks`
+  still made the UNet's convolution weights channels-last and each block hand its output
+  on channels-last, eagerly too; since run v the weights stay NCHW and an eager block's
+  output is left as it is;
+- the same without `channels_last_blocks`.
 
 For each: a guided step (the median of the steps after the first), the decode, the whole
 generation (25 frames, 576x1024, STEPS steps, `decoding_t` 1; the median of 2 after one
@@ -69,8 +69,8 @@ def main(path: str) -> None:
                                   max_guidance_scale=3.0, fps=7, motion_bucket_id=127,
                                   noise_aug_strength=0.02, decode_chunk_size=1, seed=0)
     image = np.random.default_rng(0).integers(0, 256, (*size, 3), dtype=np.uint8)
-    result = {"gpu": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__, "steps": STEPS,
-              "variants": {}}
+    gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    result = {"gpu": gpu, "torch": torch.__version__, "steps": STEPS, "variants": {}}
     reference = None
     for name, speedups in VARIANTS.items():
         gen = VideoGenerator(parts, device, speedups, cache_dir=Path(tempfile.mkdtemp()))
