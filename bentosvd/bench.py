@@ -249,6 +249,19 @@ def vanilla(parts: dict, image: np.ndarray, settings: GenerationSettings, device
             "frames": np.stack([np.asarray(f) for f in frames])}
 
 
+def bench_generation(frames: int, steps: int, decoding_t: int) -> GenerationSettings:
+    """The generation every benchmark and probe times: guidance 1.0 -> 3.0, seed 0."""
+    return GenerationSettings(
+        num_frames=frames, num_inference_steps=steps, min_guidance_scale=1.0,
+        max_guidance_scale=3.0, fps=7, motion_bucket_id=127, noise_aug_strength=0.02,
+        decode_chunk_size=decoding_t, seed=0)
+
+
+def bench_image(height: int, width: int) -> np.ndarray:
+    """The input image every benchmark and probe uses: uint8 noise, seed 0."""
+    return np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
 def bench_pipeline(args, device, dtype, save=lambda r: None) -> dict:
     variant_frames = args.frames
     if args.model == "demo":
@@ -256,12 +269,8 @@ def bench_pipeline(args, device, dtype, save=lambda r: None) -> dict:
     else:
         parts = build_synthetic(variant_frames, device=device, dtype=dtype)
     parts = {k: (v.to(device, dtype) if isinstance(v, torch.nn.Module) else v) for k, v in parts.items()}
-    rng = np.random.default_rng(0)
-    image = rng.integers(0, 256, (args.height, args.width, 3), dtype=np.uint8)
-    settings = GenerationSettings(
-        num_frames=variant_frames, num_inference_steps=args.steps, min_guidance_scale=1.0,
-        max_guidance_scale=3.0, fps=7, motion_bucket_id=127, noise_aug_strength=0.02,
-        decode_chunk_size=args.decoding_t, seed=0)
+    image = bench_image(args.height, args.width)
+    settings = bench_generation(variant_frames, args.steps, args.decoding_t)
     result = {"settings": asdict(settings), "height": args.height, "width": args.width}
     save(result)
 

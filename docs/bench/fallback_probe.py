@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bentosvd.bench import psnr, undo
+from bentosvd.bench import bench_generation, bench_image, psnr, undo
 from bentosvd.components import build_demo, build_synthetic
 from bentosvd.generation import GenerationSettings
 from bentosvd.pipeline import Speedups, VideoGenerator
@@ -65,10 +65,8 @@ def main(path: str) -> None:
         device, parts, size = torch.device("cuda"), build_synthetic(25, "cuda"), (576, 1024)
     else:
         device, parts, size = torch.device("cpu"), build_demo(25), (64, 64)
-    settings = GenerationSettings(num_frames=25, num_inference_steps=STEPS, min_guidance_scale=1.0,
-                                  max_guidance_scale=3.0, fps=7, motion_bucket_id=127,
-                                  noise_aug_strength=0.02, decode_chunk_size=1, seed=0)
-    image = np.random.default_rng(0).integers(0, 256, (*size, 3), dtype=np.uint8)
+    settings = bench_generation(25, STEPS, 1)
+    image = bench_image(*size)
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     result = {"gpu": gpu, "torch": torch.__version__, "steps": STEPS, "variants": {}}
     reference = None

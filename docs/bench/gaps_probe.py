@@ -27,13 +27,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile, schedule
 
 from bentosvd import saved_regions
+from bentosvd.bench import bench_generation, bench_image
 from bentosvd.components import build_synthetic
-from bentosvd.generation import GenerationSettings
 from bentosvd.pipeline import Speedups, VideoGenerator
 
 GAP_US = 2.0
@@ -83,10 +82,8 @@ def main(path: str) -> None:
     parts = build_synthetic(25, "cuda")
     cache = saved_regions.folder(os.environ["TORCHINDUCTOR_CACHE_DIR"])
     gen = VideoGenerator(parts, torch.device("cuda"), Speedups.fast(), cache)
-    settings = GenerationSettings(num_frames=25, num_inference_steps=4, min_guidance_scale=1.0,
-                                  max_guidance_scale=3.0, fps=7, motion_bucket_id=127,
-                                  noise_aug_strength=0.02, decode_chunk_size=1, seed=0)
-    image = np.random.default_rng(0).integers(0, 256, (576, 1024, 3), dtype=np.uint8)
+    settings = bench_generation(25, 4, 1)
+    image = bench_image(576, 1024)
     t0 = time.perf_counter()
     gen.generate(image, settings, decode=False)  # compiles (or loads) the blocks
     result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,

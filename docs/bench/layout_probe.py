@@ -33,12 +33,10 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from bentosvd.bench import profile_step, psnr, undo
+from bentosvd.bench import bench_generation, bench_image, profile_step, psnr, undo
 from bentosvd.components import build_synthetic
-from bentosvd.generation import GenerationSettings
 from bentosvd.layout import use_channels_last_weights
 from bentosvd.pipeline import Speedups, VideoGenerator
 
@@ -56,10 +54,8 @@ ONLY = os.environ.get("ONLY")  # a comma-separated list of variant numbers, from
 def main(path: str) -> None:
     device = torch.device("cuda")
     parts = build_synthetic(25, device)
-    settings = GenerationSettings(num_frames=25, num_inference_steps=5, min_guidance_scale=1.0,
-                                  max_guidance_scale=3.0, fps=7, motion_bucket_id=127,
-                                  noise_aug_strength=0.02, decode_chunk_size=1, seed=0)
-    image = np.random.default_rng(0).integers(0, 256, (576, 1024, 3), dtype=np.uint8)
+    settings = bench_generation(25, 5, 1)
+    image = bench_image(576, 1024)
     result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "variants": {}}
     reference = None
     for number, (name, (speedups, cl_weights)) in enumerate(VARIANTS.items()):
