@@ -12,6 +12,7 @@ import asyncio
 import base64
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import AsyncGenerator
@@ -22,6 +23,15 @@ import numpy as np
 
 from config import get_settings
 from model_store import find_models
+
+# While the worker encodes one video (FFmpeg threads) it already generates the next. On a CPU
+# device, torch's OpenMP threads by default spin for a while after each parallel region and
+# take the cores the encoder needs: on a busy 2-core machine the demo's denoising, 1.4 s
+# alone, took 3-44 s beside an encode, and 1.3-2.4 s with PASSIVE (threads sleep at once).
+# Unloaded it is as fast either way, and on a GPU torch's own CPU threads barely run. It must
+# be set before torch loads, which is in GenerationWorker's import of the engine; a value
+# set by the user wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # Under "bentoml." so that BentoML's logging set-up shows its INFO lines with the rest.
 logger = logging.getLogger("bentoml.svd")
