@@ -75,14 +75,19 @@ class Server:
                 self.proc.wait()
 
 
+def demo_env(bentoml_home: Path, **env: str) -> dict[str, str]:
+    """The environment the demo servers run in: this one, the test model store, `env`."""
+    return {**os.environ, "BENTOML_HOME": str(bentoml_home), "MODEL_VERSION": "demo",
+            "BENTOML_DO_NOT_TRACK": "true", "PYTHONPATH": str(ROOT), **env}
+
+
 @pytest.fixture(scope="session")
 def start_server(bentoml_home, tmp_path_factory):
     """Start servers with the demo model: `start_server(args, **env)`; all stop at the end."""
     servers = []
 
     def start(args=("service:svc",), cwd=ROOT, wait=True, **env) -> Server:
-        full_env = {**os.environ, "BENTOML_HOME": str(bentoml_home), "MODEL_VERSION": "demo",
-                    "BENTOML_DO_NOT_TRACK": "true", "PYTHONPATH": str(ROOT), **env}
+        full_env = demo_env(bentoml_home, **env)
         log = tmp_path_factory.mktemp("server") / "server.log"
         server = Server(list(args), full_env, cwd, log)
         servers.append(server)

@@ -4,7 +4,6 @@ against the real demo server (256×144, 8 frames, 8 steps; ~3 s a generation her
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ import pytest
 
 from bentosvd.video import probe_video
 from config import VARIANTS
-from tests.conftest import ROOT
+from tests.conftest import ROOT, demo_env
 from tests.test_service import DEMO, assert_video, post
 
 
@@ -191,9 +190,10 @@ def test_torch_threads_leave_the_encoder_its_cores(bentoml_home, given, expected
     """The worker module sets OMP_WAIT_POLICY=PASSIVE (unless the user set one) before
     anything loads torch, whose OpenMP reads it only when it loads: importing the service
     as `bentoml serve` does must not have loaded torch yet."""
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    env.update(BENTOML_HOME=str(bentoml_home), MODEL_VERSION="demo", BENTOML_DO_NOT_TRACK="true",
-               **({"OMP_WAIT_POLICY": given} if given else {}))
+    env = demo_env(bentoml_home)
+    env.pop("OMP_WAIT_POLICY", None)
+    if given:
+        env["OMP_WAIT_POLICY"] = given
     probe = "import os, sys, service; print('torch' in sys.modules, os.environ['OMP_WAIT_POLICY'])"
     out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, check=True,
                          capture_output=True, text=True, timeout=120).stdout.split()
