@@ -66,6 +66,8 @@ MODES = {
     "fast_conv3d": replace(Speedups.fast(), frame_conv=False),
     # NCHW between the UNet's compiled blocks (the default up to 2026-11-28's run q)
     "fast_nchw_blocks": replace(Speedups.fast(), channels_last_blocks=False),
+    # the convolution weights channels-last too (the UNet's were from run q to 2026-11-28's run u)
+    "fast_cl_weights": replace(Speedups.fast(), channels_last=True),
     "fast_whole": replace(Speedups.fast(), compile_regions=False),  # the UNet as one graph
     "fast_cudagraphs": replace(Speedups.fast(), compile_regions=False, cuda_graphs=True),
     "fp8_eager": Speedups(fp8=True),
