@@ -433,7 +433,9 @@ def parse_server_timing(header: str | None) -> dict:
 
 def burst(url: str, png: bytes, params: dict, n: int, latency: float) -> dict:
     """n requests at once: each worker encodes a video while its GPU already runs the
-    next request, so n take less than n times one request's latency."""
+    next request, so n take less than n times one request's latency. Past what the server
+    holds (its GPU workers plus MAX_QUEUE waiting) it answers 429 at once: counted as
+    rejected, as a client would see them; any other status fails the run."""
     from concurrent.futures import ThreadPoolExecutor
 
     start = time.perf_counter()
@@ -441,10 +443,12 @@ def burst(url: str, png: bytes, params: dict, n: int, latency: float) -> dict:
         answers = list(pool.map(lambda i: post_image(url, png, {**params, "seed": i}), range(n)))
     wall = time.perf_counter() - start
     statuses = [a[1] for a in answers]
-    assert statuses == [200] * n, statuses
-    result = {"requests": n, "wall_s": wall, "per_request_s": wall / n,
-              "vs_sequential": n * latency / wall,
-              "latencies_s": sorted(a[0] for a in answers)}
+    assert set(statuses) <= {200, 429}, statuses
+    served = sorted(a[0] for a in answers if a[1] == 200)
+    result = {"requests": n, "served": len(served), "rejected": statuses.count(429),
+              "wall_s": wall, "per_request_s": wall / max(1, len(served)),
+              "requests_per_minute": 60 * len(served) / wall,
+              "vs_sequential": len(served) * latency / wall, "latencies_s": served}
     print("burst:", result, flush=True)
     return result
 

@@ -15,8 +15,8 @@ def test_bench_runs_on_cpu_with_demo_model(tmp_path):
     docs = tmp_path / "BENCHMARKS.md"
     result = subprocess.run(
         [sys.executable, "-m", "bentosvd.bench", "--model", "demo", "--repeats", "1",
-         "--server", "--server-starts", "cold_cache", "--server-burst", "2", "--profile", "fast",
-         "--server-env", "STEP_CACHE=2",
+         "--server", "--server-starts", "cold_cache", "--server-burst", "3", "--profile", "fast",
+         "--server-env", "STEP_CACHE=2", "MAX_QUEUE=1",
          "--out", str(out), "--docs", str(docs)],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
@@ -31,7 +31,7 @@ def test_bench_runs_on_cpu_with_demo_model(tmp_path):
     # Where the start went, from the worker's log (no warm-up: the fast path is off on CPU).
     assert server["startup"]["imported_s"] > 0 and server["startup"]["loaded_s"] > 0
     # --server-env reached the server, and its log is kept beside the JSON.
-    assert server["env"] == {"STEP_CACHE": "2"}
+    assert server["env"] == {"STEP_CACHE": "2", "MAX_QUEUE": "1"}
     assert "step_cache=2" in (tmp_path / "bench-cold_cache.log").read_text(errors="replace")
     # The server says where each request's time went (Server-Timing header).
     assert {"queue_wait", "denoise", "vae_decode", "video_encode"} <= set(server["server_timing"][0])
@@ -40,8 +40,11 @@ def test_bench_runs_on_cpu_with_demo_model(tmp_path):
     profile = eager["profile"]
     assert 0 < profile["kernel_s"] and sum(profile["by_kind_s"].values()) > 0
     assert {"convolution", "matmul", "attention"} <= set(profile["by_kind_s"])
-    # Two requests at once, both answered with a video.
-    assert server["burst"]["requests"] == 2 and len(server["burst"]["latencies_s"]) == 2
+    # Three requests at once against one worker and a queue of one: two answered with a
+    # video, the third turned away (429), which the burst counts instead of failing on.
+    burst = server["burst"]
+    assert (burst["requests"], burst["served"], burst["rejected"]) == (3, 2, 1)
+    assert len(burst["latencies_s"]) == 2 and burst["requests_per_minute"] > 0
 
 
 def test_a_bench_stopped_mid_run_stops_the_server_it_started(tmp_path):
