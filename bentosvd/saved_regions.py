@@ -174,13 +174,15 @@ def _load(path: Path):
 def _structure(block: torch.nn.Module) -> tuple:
     """What the compiled code of a block depends on besides its inputs: each submodule's
     class, plain attributes (sizes, heads, flags; the classes of other objects such as
-    attention processors) and parameter and buffer shapes; not the weights' values."""
+    attention processors) and parameter and buffer shapes and layouts (the saved guards
+    check their strides: channels-last weights get files of their own); not the weights'
+    values."""
     rows = []
     for name, module in block.named_modules():
         attributes = tuple(sorted(
             (k, v if isinstance(v, (int, float, str, bool, type(None))) else _qualname(type(v)))
             for k, v in vars(module).items() if not k.startswith("_")))
-        tensors = tuple((n, tuple(t.shape), str(t.dtype), str(t.device))
+        tensors = tuple((n, tuple(t.shape), t.stride(), str(t.dtype), str(t.device))
                         for n, t in [*module.named_parameters(recurse=False),
                                      *module.named_buffers(recurse=False)] if t is not None)
         rows.append((name, _qualname(type(module)), attributes, tensors))

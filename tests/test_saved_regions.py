@@ -27,6 +27,7 @@ from bentosvd import saved_regions
 from bentosvd.components import build_demo
 from bentosvd.cross_attention import (remove_single_token_cross_attention,
                                       use_single_token_cross_attention)
+from bentosvd.layout import use_channels_last_weights
 from bentosvd.pipeline import UNET_REGIONS, GenerationSettings, Speedups, VideoGenerator
 from tests.conftest import ROOT
 
@@ -173,6 +174,28 @@ def test_a_file_is_per_block_configuration():
     assert saved_regions._structure(transformer) != before  # the processor's class counts
     remove_single_token_cross_attention(unet)
     assert saved_regions._structure(transformer) == before
+    # So does the weights' memory layout, which the saved guards check (strides).
+    resnet = next(b for b in blocks if type(b).__name__ == "SpatioTemporalResBlock")
+    before = saved_regions._structure(resnet)
+    use_channels_last_weights(resnet)
+    assert saved_regions._structure(resnet) != before
+
+
+def test_weights_in_another_layout_get_files_of_their_own(cache, eager_frames, tmp_path, caplog):
+    """Channels-last convolution weights (`Speedups.channels_last`) fail the guards of files
+    compiled for NCHW ones: they are compiled into files of their own instead of loading
+    those, being rejected and replacing them (as a benchmark run on an H200 found,
+    2026-11-28 run x), so the two never undo each other's files."""
+    caplog.set_level(logging.WARNING, logger="bentoml.svd")
+    both = tmp_path / "saved"
+    shutil.copytree(cache, both)
+    gen = warmed(build_demo(4), both, replace(SAVED, channels_last=True))
+    assert "could not load" not in caplog.text
+    counts = dict(gen.saved_regions.counts)
+    assert counts.get("compiled", 0) >= 1 and "in_process" not in counts, counts
+    assert set(files(cache)) < set(files(both))  # the NCHW files are still there, unchanged
+    assert all((both / name).read_bytes() == (cache / name).read_bytes() for name in files(cache))
+    assert_close(gen.generate(IMAGE, SETTINGS), eager_frames)
 
 
 def test_the_fast_path_saves_its_blocks_only_where_it_has_a_cache(tmp_path):
