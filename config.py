@@ -116,6 +116,10 @@ class Settings(BaseSettings):
     inject_faults: int = Field(
         0, ge=0, description="Tests only: the next N generations fail with a CUDA out-of-memory."
     )
+    inject_load_delay: float = Field(
+        0, ge=0, description="Tests only: seconds more the worker takes to load, holding its "
+        "event loop as importing torch does (its readiness probe then goes unanswered).",
+    )
     fast_path: bool | None = Field(
         None, description="torch.compile the UNet and, with compile_vae, the VAE's decoder "
         "(compiled before /readyz turns 200); "

@@ -6,17 +6,25 @@ body of any size. This ASGI middleware refuses those requests with the same JSON
 as the service (`{"error", "message", "field", "fix"}`): it caps the body (413), accepts
 only multipart/form-data (415), and lets a request through only with exactly one `img`
 file part and at most one `params` part (400). The app then gets the original bytes.
+
+`AnswerErrors` makes sure every request gets an answer at once, even when its handler
+raises before answering (see there why BentoML alone does not).
 """
 
 from __future__ import annotations
 
 import codecs
 import json
+import logging
+from http import HTTPStatus
 
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.responses import JSONResponse
 
 from bentosvd.errors import PayloadTooLarge, RequestError, UnsupportedMediaType
+
+logger = logging.getLogger("bentoml.svd")
 
 EXAMPLE = "curl -F 'img=@image.png' -F 'params={\"seed\": 42}' http://HOST/generate"
 
@@ -29,6 +37,48 @@ class InvalidRequest(RequestError):
 
 class ClientGone(Exception):
     """The client disconnected before its answer was ready: nobody is left to answer."""
+
+
+class AnswerErrors:
+    """ASGI middleware, the outermost of ours: a request whose handling raises before it
+    answers gets its answer at once.
+
+    BentoML's TimeoutMiddleware, which runs outside every middleware a service adds, waits
+    for the first byte of a response, not for the handler: after an exception it holds the
+    request unanswered until the traffic timeout (TIMEOUT, 300 s), and a graceful shutdown
+    waits for it. BentoML's own /readyz raises so when a worker's readiness probe goes
+    unanswered for 5 s (a worker still importing torch or loading weights): that is a 503,
+    not ready; anything else is a 500, logged with its traceback."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        answered = False
+
+        async def watch(message):
+            nonlocal answered
+            answered = answered or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except Exception as e:
+            if answered:
+                raise
+            if scope["path"].rstrip("/") == "/readyz":
+                logger.info("not ready: a GPU worker did not answer its readiness probe (%r)", e)
+                status, message, headers = 503, (
+                    "a GPU worker did not answer its readiness probe in time; it is "
+                    "probably still loading the model"), {"Retry-After": "5"}
+            else:
+                logger.exception("%s %s failed", scope["method"], scope["path"])
+                status, message, headers = (
+                    500, "the server failed on this request; its log has the details", None)
+            body = {"error": HTTPStatus(status).phrase, "message": message}
+            await JSONResponse(body, status, headers)(scope, receive, send)
 
 
 class RequestGuard:

@@ -32,7 +32,7 @@ from bentosvd.jobs import Job, JobStore
 from bentosvd.plan import choose_format, plan_generation
 from bentosvd.video import FORMATS
 from config import Params
-from request_guard import ClientGone, RequestGuard
+from request_guard import AnswerErrors, ClientGone, RequestGuard
 from worker import NOISE_WARNING, WORKERS, logger, settings, variant
 
 queue_depth = bentoml.metrics.Gauge(
@@ -398,6 +398,8 @@ class PlainRoutes:
         await self.app(scope, receive, send)
 
 
+# The first added is the outermost.
+SVD.add_asgi_middleware(AnswerErrors)
 SVD.add_asgi_middleware(PlainRoutes, routes=[
     Route("/info", info, methods=["GET"]),
     Route("/jobs/{job_id}", job_status, methods=["GET"]),

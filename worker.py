@@ -69,6 +69,7 @@ class GenerationWorker:
         started = time.perf_counter()
         from bentosvd.engine import Engine
         logger.info("imported torch and diffusers in %.1f s", time.perf_counter() - started)
+        time.sleep(settings.inject_load_delay)  # tests: a load slow enough to miss probes
 
         self.engine = Engine(
             settings, variant, str(self.variant_model.tag),

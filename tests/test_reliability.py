@@ -111,6 +111,36 @@ def test_readyz_turns_200_only_once_the_model_is_loaded(start_server):
     assert set(not_ready) <= {503, "ConnectError", "ReadTimeout"}, not_ready
 
 
+def test_readyz_answers_at_once_while_a_worker_is_too_busy_to_and_sigterm_still_stops(
+        start_server, test_image):
+    """A worker that holds its event loop while it loads (as importing torch does; here 12 s
+    more) leaves BentoML's 5-s readiness probe unanswered. /readyz must then answer 503 in
+    about those 5 s, and not hold the request until the 300-s traffic timeout, which also
+    held a SIGTERM's shutdown that long (CI failure of 2026-11-28: the server was still up
+    60 s after SIGTERM)."""
+    server = start_server(wait=False, INJECT_LOAD_DELAY="12")
+    answers = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        started = time.monotonic()
+        try:
+            response = httpx.get(f"{server.url}/readyz", timeout=15)
+        except httpx.ConnectError:  # not listening yet
+            time.sleep(0.2)
+            continue
+        answers.append((response.status_code, time.monotonic() - started, response.text))
+        if response.status_code == 200:
+            break
+    assert answers and answers[-1][0] == 200, answers
+    unanswered = [(s, t, body) for s, t, body in answers if s == 503 and t > 4]
+    assert unanswered, f"no probe went unanswered for BentoML's 5 s: {answers}"
+    assert all(json.loads(body)["message"].startswith("a GPU worker did not answer")
+               for _, _, body in unanswered), unanswered
+    assert post(server, test_image, {"seed": 1}).status_code == 200
+    os.killpg(server.proc.pid, signal.SIGTERM)
+    server.proc.wait(30)
+
+
 def test_sigterm_lets_the_request_in_flight_finish(start_server, test_image):
     server = start_server()
     result = {}

@@ -23,7 +23,7 @@ import bentoml
 import httpx
 import pytest
 
-from request_guard import RequestGuard
+from request_guard import AnswerErrors, RequestGuard
 from tests.conftest import ROOT
 from tests.test_service import BLOG_CURL
 
@@ -200,6 +200,52 @@ class CountingProxy(http.server.ThreadingHTTPServer):
                 pass
 
         super().__init__(("127.0.0.1", 0), Handler)
+
+
+# --- AnswerErrors: a handler that raises still answers at once ----------------------------
+
+def through_answer_errors(path: str, app) -> tuple[list[dict], BaseException | None]:
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "GET", "path": path, "headers": []}
+    try:
+        asyncio.run(AnswerErrors(app)(scope, receive, send))
+    except Exception as e:
+        return sent, e
+    return sent, None
+
+
+async def raises_timeout(scope, receive, send):  # BentoML's /readyz, a worker's probe unanswered
+    raise asyncio.TimeoutError()
+
+
+@pytest.mark.parametrize("path, status, retry_after, message", [
+    ("/readyz", 503, "5", "a GPU worker did not answer its readiness probe in time"),
+    ("/generate", 500, None, "the server failed on this request"),
+])
+def test_a_handler_that_raises_before_answering_gets_a_json_error(path, status, retry_after,
+                                                                  message):
+    sent, error = through_answer_errors(path, raises_timeout)
+    assert error is None
+    headers = {k.decode(): v.decode() for k, v in sent[0]["headers"]}
+    assert (sent[0]["status"], headers.get("retry-after")) == (status, retry_after)
+    assert json.loads(sent[1]["body"])["message"].startswith(message)
+
+
+def test_a_handler_that_raises_after_answering_is_left_to_the_server():
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        raise RuntimeError("mid-body")
+
+    sent, error = through_answer_errors("/generate", app)
+    assert [m["type"] for m in sent] == ["http.response.start"]  # no second start
+    assert isinstance(error, RuntimeError)
 
 
 @pytest.fixture(scope="module")
