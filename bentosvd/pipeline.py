@@ -212,8 +212,7 @@ def compile_regions(model: torch.nn.Module, class_names: tuple[str, ...], mode: 
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 128)
     for module in model.modules():
         if type(module).__name__ in class_names:
-            if channels_last:
-                module.forward = types.MethodType(region_forward(module, channels_last), module)
+            module.forward = types.MethodType(region_forward(module, channels_last), module)
             module.compile(dynamic=False, mode=mode)
 
 
