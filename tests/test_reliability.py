@@ -111,7 +111,7 @@ def test_readyz_turns_200_only_once_the_model_is_loaded(start_server):
     assert set(not_ready) <= {503, "ConnectError", "ReadTimeout"}, not_ready
 
 
-def test_readyz_answers_at_once_while_a_worker_is_too_busy_to_and_sigterm_still_stops(
+def test_readyz_answers_503_while_a_loading_worker_misses_its_probe_and_sigterm_stops(
         start_server, test_image):
     """A worker that holds its event loop while it loads (as importing torch does; here 12 s
     more) leaves BentoML's 5-s readiness probe unanswered. /readyz must then answer 503 in
