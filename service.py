@@ -51,6 +51,8 @@ gpu_peak_bytes = bentoml.metrics.Gauge(
     labelnames=["worker"], multiprocess_mode="mostrecent")
 
 
+HEALTH_TIMEOUT = 5  # seconds /livez waits for a worker's health before taking it as loading
+
 CURRENT: dict = {}  # "api": the SVD instance of this process, once created
 
 
@@ -208,14 +210,18 @@ class SVD:
             ticket.leave()
 
     async def __is_alive__(self) -> bool:
-        for worker in self.workers:
-            try:
-                health = await worker.to_async.health()
-            except Exception:  # a worker being restarted is not a dead API service
-                continue
-            if not health["alive"]:
-                return False
-        return True
+        healths = await asyncio.gather(*(self._health(worker) for worker in self.workers))
+        return all(health is None or health["alive"] for health in healths)
+
+    @staticmethod
+    async def _health(worker) -> dict | None:
+        """A worker's health; None while it cannot say. A worker loading its model (at start,
+        or restarted after a crash) holds its event loop and answers nothing until it is
+        done, minutes with a cold compile; loading or being restarted is not dead."""
+        try:
+            return await asyncio.wait_for(worker.to_async.health(), HEALTH_TIMEOUT)
+        except Exception:
+            return None
 
     @staticmethod
     async def _until_disconnect(request, call):
