@@ -113,6 +113,12 @@ class Settings(BaseSettings):
     max_faults_in_a_row: int = Field(
         3, ge=1, description="GPU faults (out of memory) in a row after which /livez fails."
     )
+    worker_silent_limit: float = Field(
+        900, gt=0, description="Seconds a GPU worker may leave /livez's health check "
+        "unanswered (it holds its event loop while it loads and compiles the model) before "
+        "/livez fails so the pod is restarted; the default matches the Kubernetes startup "
+        "probe's 15 minutes.",
+    )
     inject_faults: int = Field(
         0, ge=0, description="Tests only: the next N generations fail with a CUDA out-of-memory."
     )

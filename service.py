@@ -98,6 +98,7 @@ class SVD:
         self.dispatcher = Dispatcher(settings.gpu_workers, settings.max_queue,
                                      on_change=queue_depth.set)
         self.recent = RecentDuration()
+        self.silent_since: dict[int, float] = {}  # worker -> when it first left /livez unanswered
         self.jobs = JobStore(ttl=settings.job_ttl, max_finished=settings.max_finished_jobs)
         CURRENT["api"] = self  # for the plain Starlette routes below (GET /jobs/<id>, /info)
 
@@ -210,18 +211,27 @@ class SVD:
             ticket.leave()
 
     async def __is_alive__(self) -> bool:
-        healths = await asyncio.gather(*(self._health(worker) for worker in self.workers))
-        return all(health is None or health["alive"] for health in healths)
+        alive = await asyncio.gather(*(self._alive(i) for i in range(settings.gpu_workers)))
+        return all(alive)
 
-    @staticmethod
-    async def _health(worker) -> dict | None:
-        """A worker's health; None while it cannot say. A worker loading its model (at start,
-        or restarted after a crash) holds its event loop and answers nothing until it is
-        done, minutes with a cold compile; loading or being restarted is not dead."""
+    async def _alive(self, index: int) -> bool:
+        """Worker `index` is alive unless it says it is not (GPU faults in a row) or has not
+        answered for WORKER_SILENT_LIMIT seconds. A worker loading its model (at start, or
+        restarted after a crash) holds its event loop and answers nothing until it is done,
+        minutes with a cold compile: that is not dead, and /livez does not wait for it."""
         try:
-            return await asyncio.wait_for(worker.to_async.health(), HEALTH_TIMEOUT)
-        except Exception:
-            return None
+            health = await asyncio.wait_for(self.workers[index].to_async.health(),
+                                            HEALTH_TIMEOUT)
+        except Exception as e:
+            silent_since = self.silent_since.setdefault(index, time.monotonic())
+            silent = time.monotonic() - silent_since
+            if silent > settings.worker_silent_limit:
+                logger.error("GPU worker %d has not answered for %.0f s (%r): not alive",
+                             index, silent, e)
+                return False
+            return True
+        self.silent_since.pop(index, None)
+        return health["alive"]
 
     @staticmethod
     async def _until_disconnect(request, call):
