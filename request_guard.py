@@ -16,13 +16,11 @@ from __future__ import annotations
 import codecs
 import json
 import logging
-from http import HTTPStatus
 
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
-from starlette.responses import JSONResponse
 
-from bentosvd.errors import PayloadTooLarge, RequestError, UnsupportedMediaType
+from bentosvd.errors import PayloadTooLarge, RequestError, UnsupportedMediaType, error_response
 
 logger = logging.getLogger("bentoml.svd")
 
@@ -70,15 +68,14 @@ class AnswerErrors:
                 raise
             if scope["path"].rstrip("/") == "/readyz":
                 logger.info("not ready: a GPU worker did not answer its readiness probe (%r)", e)
-                status, message, headers = 503, (
-                    "a GPU worker did not answer its readiness probe in time; it is "
-                    "probably still loading the model"), {"Retry-After": "5"}
+                response = error_response(
+                    503, "a GPU worker did not answer its readiness probe in time; it is "
+                    "probably still loading the model", retry_after=5)
             else:
                 logger.exception("%s %s failed", scope["method"], scope["path"])
-                status, message, headers = (
-                    500, "the server failed on this request; its log has the details", None)
-            body = {"error": HTTPStatus(status).phrase, "message": message}
-            await JSONResponse(body, status, headers)(scope, receive, send)
+                response = error_response(
+                    500, "the server failed on this request; its log has the details")
+            await response(scope, receive, send)
 
 
 class RequestGuard:

@@ -13,7 +13,6 @@ import base64
 import json
 import time
 from dataclasses import asdict
-from http import HTTPStatus
 from pathlib import Path
 from typing import Annotated
 
@@ -26,7 +25,7 @@ from starlette.routing import Match, Route
 from starlette.staticfiles import StaticFiles
 
 from bentosvd.dispatch import Dispatcher, Full, Lines, RecentDuration
-from bentosvd.errors import PayloadTooLarge, RequestError
+from bentosvd.errors import PayloadTooLarge, RequestError, error_response, phrase
 from bentosvd.images import decode_upload
 from bentosvd.jobs import Job, JobStore
 from bentosvd.plan import choose_format, plan_generation
@@ -62,7 +61,7 @@ class WorkerError(Exception):
     def __init__(self, status: int, message: str, retry_after: int | None = None):
         super().__init__(message)
         self.status, self.retry_after = status, retry_after
-        self.body = {"error": _phrase(status), "message": message}
+        self.body = {"error": phrase(status), "message": message}
 
 
 class Refused(Exception):
@@ -71,17 +70,6 @@ class Refused(Exception):
     def __init__(self, response: JSONResponse):
         super().__init__(response.status_code)
         self.response = response
-
-
-def _phrase(status: int) -> str:
-    return HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "Client Closed Request"
-
-
-def error_response(status: int, body: dict | str, *, retry_after: int | None = None) -> JSONResponse:
-    if isinstance(body, str):
-        body = {"error": _phrase(status), "message": body}
-    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
-    return JSONResponse(body, status_code=status, headers=headers)
 
 
 @bentoml.service(name="svd-service", traffic={"timeout": settings.timeout})
@@ -198,7 +186,7 @@ class SVD:
                 index, on_event, request_id=job.id, image=image, job=asdict(settings_),
                 output=output, deadline=deadline)
         except asyncio.CancelledError:
-            job.fail(499, {"error": _phrase(499), "message": "the generation was cancelled"})
+            job.fail(499, {"error": phrase(499), "message": "the generation was cancelled"})
             raise
         except WorkerError as e:
             job.fail(e.status, e.body, e.retry_after)

@@ -1,9 +1,27 @@
 """Errors a caller can fix, each with its HTTP status.
 
-Raised where the problem is found and turned into an HTTP answer once, in `service.py`.
+Raised where the problem is found and turned into an HTTP answer once, in `service.py`;
+`error_response` is the JSON answer every error of the service's own takes.
 """
 
 from __future__ import annotations
+
+from http import HTTPStatus
+
+from starlette.responses import JSONResponse
+
+
+def phrase(status: int) -> str:
+    """The `error` of a JSON error: the status's reason phrase (499 has none in the RFCs)."""
+    return HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "Client Closed Request"
+
+
+def error_response(status: int, body: dict | str, *, retry_after: int | None = None) -> JSONResponse:
+    """A JSON error answer: `body`, or {"error": phrase, "message": body} for a string."""
+    if isinstance(body, str):
+        body = {"error": phrase(status), "message": body}
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 class RequestError(Exception):
