@@ -7,7 +7,7 @@ MODEL_VERSION ?= demo
 BIN := $(VENV)/bin
 export BENTOML_DO_NOT_TRACK ?= true
 
-.PHONY: install serve test import bench clean
+.PHONY: install serve test test-gpu import bench clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,12 @@ serve: import
 test: install
 	bash scripts/install_browser.sh
 	$(BIN)/python -m pytest
+
+# Every documented server setting on a CUDA GPU (tests/gpu). On the device machine, with no
+# venv: `source scripts/device_bench.sh && make test-gpu GPU_PYTHON=python3`.
+GPU_PYTHON ?= $(BIN)/python
+test-gpu:
+	BENTOSVD_GPU_TESTS=1 $(GPU_PYTHON) -m pytest tests/gpu -m gpu -v -s -p no:cacheprovider
 
 # GPU: full-size synthetic SVD-XT; CPU: the demo model. Writes bench.json.
 bench: install

@@ -88,6 +88,12 @@ class Settings(BaseSettings):
     )
     timeout: int = Field(300, ge=1, description="Seconds a request may take end to end.")
     max_upload_bytes: int = Field(20 * 2**20, ge=1, description="Largest accepted upload.")
+    max_params_bytes: int = Field(
+        16 * 2**10, ge=256, description="Largest accepted `params` form field, in bytes.")
+    max_params_depth: int = Field(
+        4, ge=1, description="Deepest nesting of arrays and objects accepted in `params`.")
+    max_number_digits: int = Field(
+        32, ge=17, description="Most digits accepted in one number in `params`.")
     max_image_pixels: int = Field(
         50_000_000, ge=1, description="Largest accepted image, in pixels (decompression bombs)."
     )
@@ -111,7 +117,8 @@ class Settings(BaseSettings):
         64, ge=1, description="Finished async jobs kept at most; the oldest are forgotten first.",
     )
     max_faults_in_a_row: int = Field(
-        3, ge=1, description="GPU faults (out of memory) in a row after which /livez fails."
+        3, ge=1, description="Failed generations in a row (GPU out of memory or an unexpected "
+        "error in the worker) after which /livez fails."
     )
     worker_silent_limit: float = Field(
         900, gt=0, description="Seconds a GPU worker may leave /livez's health check "
@@ -119,8 +126,10 @@ class Settings(BaseSettings):
         "/livez fails so the pod is restarted; the default matches the Kubernetes startup "
         "probe's 15 minutes.",
     )
-    inject_faults: int = Field(
-        0, ge=0, description="Tests only: the next N generations fail with a CUDA out-of-memory."
+    inject_faults: list[Literal["gpu_oom", "internal"]] = Field(
+        [], description="Tests only: the next generations fail, one per entry, with a CUDA "
+        'out-of-memory (`gpu_oom`) or an unexpected exception (`internal`), e.g. '
+        '`["internal", "gpu_oom"]`.',
     )
     inject_load_delay: float = Field(
         0, ge=0, description="Tests only: seconds more the worker takes to load, holding its "

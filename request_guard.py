@@ -16,11 +16,15 @@ from __future__ import annotations
 import codecs
 import json
 import logging
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ValidationError
 
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from bentosvd.errors import PayloadTooLarge, RequestError, UnsupportedMediaType, error_response
+from bentosvd.errors import (InvalidParams, PayloadTooLarge, RequestError, UnsupportedMediaType,
+                             error_response)
 
 logger = logging.getLogger("bentoml.svd")
 
@@ -85,12 +89,13 @@ class RequestGuard:
     """
 
     def __init__(self, app, *, path: str = "/generate", max_body_bytes: int,
-                 file_fields=("img",), text_fields=("params",)) -> None:
+                 file_fields=("img",), json_fields: dict[str, JsonField] | None = None) -> None:
         self.app = app
         self.path = path.rstrip("/")
         self.max_body_bytes = max_body_bytes
         self.file_fields = tuple(file_fields)
-        self.text_fields = tuple(text_fields)
+        self.json_fields = dict(json_fields or {})
+        self.text_fields = tuple(self.json_fields)
 
     async def __call__(self, scope, receive, send) -> None:
         if (scope["type"] != "http" or scope["method"] != "POST"
@@ -102,7 +107,10 @@ class RequestGuard:
             boundary, charset = self._multipart_boundary(headers.get(b"content-type", b""))
             self._check_length(headers.get(b"content-length"))
             body = await self._read_body(receive)
-            self._check_parts(list_parts(body, boundary, charset))
+            lister = list_parts(body, boundary, charset, collect=self.json_fields)
+            self._check_parts(lister.parts)
+            for name, data in lister.contents.items():
+                self.json_fields[name].check(name, data)
         except ClientGone:
             return
         except RequestError as e:
@@ -178,14 +186,95 @@ class RequestGuard:
 MAX_FILENAME_BYTES = 200
 
 
+@dataclass(frozen=True)
+class JsonField:
+    """A form field holding JSON, checked before BentoML parses it: Python's json module
+    raises RecursionError on deep nesting and ValueError on numbers of thousands of digits,
+    and BentoML answers both with a 500. Within the limits, `schema` validates it, so its
+    errors take the service's one error shape."""
+
+    schema: type[BaseModel]
+    max_bytes: int
+    max_depth: int
+    max_digits: int
+
+    def check(self, name: str, data: bytes) -> None:
+        fix = f"send a JSON object, e.g. {EXAMPLE}"
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InvalidParams(f"{name} is not UTF-8 text (byte {e.start})", field=name,
+                                fix=f"send JSON encoded as UTF-8: {fix}") from None
+        depth = json_depth(text)
+        if depth > self.max_depth:
+            raise InvalidParams(f"{name} nests arrays or objects {depth} deep; the limit is "
+                                f"{self.max_depth}", field=name, fix=fix)
+
+        def number(kind):
+            def parse(literal: str):
+                digits = sum(c.isdigit() for c in literal)
+                if digits > self.max_digits:
+                    raise _TooManyDigits(f"{name} holds a number of {digits} digits; the "
+                                         f"limit is {self.max_digits}")
+                return kind(literal)
+            return parse
+
+        def constant(literal: str):
+            raise _TooManyDigits(f"{name} holds {literal}, which is not a JSON number")
+
+        try:
+            value = json.loads(text, parse_int=number(int), parse_float=number(float),
+                               parse_constant=constant)
+        except _TooManyDigits as e:
+            raise InvalidParams(str(e), field=name, fix=fix) from None
+        except ValueError as e:
+            raise InvalidParams(f"{name} is not valid JSON: {e}", field=name, fix=fix) from None
+        try:
+            self.schema.model_validate(value)
+        except ValidationError as e:
+            error = e.errors(include_url=False)[0]
+            where = ".".join([name, *map(str, error["loc"])])
+            raise InvalidParams(f"{where}: {error['msg']}", field=where,
+                                fix="see GET /info for every param's type and bounds") from None
+
+
+class _TooManyDigits(ValueError):
+    pass
+
+
+def json_depth(text: str) -> int:
+    """How deep arrays and objects nest in `text` (JSON), found without parsing it."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
+
+
 class _PartLister:
     """python-multipart callbacks that note each part's name and whether it is a file,
     decided exactly as Starlette decides it (a `filename` in its Content-Disposition).
     Part contents are skipped: they are checked by the service."""
 
-    def __init__(self, charset: str) -> None:
+    def __init__(self, charset: str, collect: dict[str, JsonField] | None = None) -> None:
         self.charset = charset
         self.parts: list[tuple[str, bool]] = []
+        self.collect = collect or {}  # name -> its limits: these parts' contents are kept
+        self.contents: dict[str, bytearray] = {}
+        self.current: bytearray | None = None
         self.header_name = bytearray()
         self.header_value = bytearray()
         self.disposition = b""
@@ -197,8 +286,21 @@ class _PartLister:
             "on_header_value": lambda data, start, end: self.header_value.extend(data[start:end]),
             "on_header_end": self.on_header_end,
             "on_headers_finished": self.on_headers_finished,
+            "on_part_data": self.on_part_data,
             "on_end": self.on_end,
         }
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        if self.current is None:
+            return
+        self.current.extend(data[start:end])
+        name = self.parts[-1][0]
+        limit = self.collect[name].max_bytes
+        if len(self.current) > limit:
+            # Starlette refuses a text part over 1 MiB with an exception, which BentoML
+            # answers 500; params never need more than a few hundred bytes.
+            raise PayloadTooLarge(f"the form field {name!r} is over {limit} bytes",
+                                  field=name, fix=f"send at most {limit} bytes of JSON in {name!r}")
 
     def on_header_end(self) -> None:
         if self.header_name.lower() == b"content-disposition":
@@ -222,15 +324,21 @@ class _PartLister:
                 f"{MAX_FILENAME_BYTES}", field=name,
                 fix=f"rename the file, or send -F '{name}=@file.png;filename=image.png'")
         self.parts.append((name, b"filename" in options))
+        self.current = None
+        if name in self.collect and name not in self.contents:
+            self.current = self.contents[name] = bytearray()
 
     def on_end(self) -> None:
         self.ended = True
 
 
-def list_parts(body: bytes, boundary: bytes, charset: str = "utf-8") -> list[tuple[str, bool]]:
-    """(name, is a file) of each part of a multipart/form-data body; InvalidRequest if
-    the body is not well-formed multipart (including one cut off before its last boundary)."""
-    lister = _PartLister(charset)
+def list_parts(body: bytes, boundary: bytes, charset: str = "utf-8",
+               collect: dict[str, JsonField] | None = None) -> _PartLister:
+    """The parts of a multipart/form-data body: `.parts`, (name, is a file) of each, and
+    `.contents`, the bytes of the first part of each name in `collect` (PayloadTooLarge
+    past its limit); InvalidRequest if the body is not well-formed multipart (including one
+    cut off before its last boundary)."""
+    lister = _PartLister(charset, collect)
     try:
         parser = MultipartParser(boundary, lister.callbacks())
         parser.write(body)
@@ -241,7 +349,7 @@ def list_parts(body: bytes, boundary: bytes, charset: str = "utf-8") -> list[tup
     if not lister.ended:
         raise InvalidRequest("malformed multipart/form-data body: it ends before its closing "
                              "boundary", fix=f"send a well-formed multipart/form-data body: {EXAMPLE}")
-    return lister.parts
+    return lister
 
 
 def _decode(value: bytes, charset: str) -> str:

@@ -31,7 +31,7 @@ from bentosvd.jobs import Job, JobStore
 from bentosvd.plan import choose_format, plan_generation
 from bentosvd.video import FORMATS
 from config import Params
-from request_guard import AnswerErrors, ClientGone, RequestGuard
+from request_guard import AnswerErrors, ClientGone, JsonField, RequestGuard
 from worker import NOISE_WARNING, WORKERS, logger, settings, variant
 
 queue_depth = bentoml.metrics.Gauge(
@@ -249,7 +249,7 @@ class SVD:
                         if event["event"] == "done":
                             return event
                         if event["event"] == "error":
-                            raise self._worker_error(event)
+                            raise self._worker_error(event, kwargs["request_id"])
                         if on_event is not None:
                             on_event(event)
             except asyncio.CancelledError:
@@ -276,10 +276,13 @@ class SVD:
         except Exception as e:  # the worker still stops at the deadline
             logger.warning("could not cancel %s on worker %d: %r", request_id, index, e)
 
-    def _worker_error(self, event: dict) -> WorkerError:
+    def _worker_error(self, event: dict, request_id: str) -> WorkerError:
         if event["kind"] == "timeout":
             return WorkerError(504, f"the video was not ready within {settings.timeout} s; "
                                "its generation was stopped")
+        if event["kind"] == "internal":  # a bug: the same request would fail again
+            return WorkerError(500, f"the GPU worker failed on request {request_id} "
+                               f"({event['message']}); the server log has the details")
         return WorkerError(503, "the GPU ran out of memory on this request; its memory was "
                            "freed, try again", self._retry_after())
 
@@ -415,10 +418,12 @@ SVD.mount_asgi_app(StaticFiles(directory=Path(__file__).parent / "bentosvd" / "u
                    path="/ui")
 
 # Checks the form before BentoML reads it: one uploaded `img` file (a URL string would make
-# BentoML download it), at most one `params`, nothing else, a bounded body. The extra 64 KiB
-# is the form around an image of exactly MAX_UPLOAD_BYTES.
+# BentoML download it), at most one `params` of bounded size, depth and numbers, nothing
+# else, a bounded body. The extra 64 KiB is the form around an image of MAX_UPLOAD_BYTES.
+_params = JsonField(Params, max_bytes=settings.max_params_bytes,
+                    max_depth=settings.max_params_depth, max_digits=settings.max_number_digits)
 for _path in ("/generate", "/jobs"):
-    SVD.add_asgi_middleware(RequestGuard, path=_path,
+    SVD.add_asgi_middleware(RequestGuard, path=_path, json_fields={"params": _params},
                             max_body_bytes=settings.max_upload_bytes + 64 * 1024)
 
 svc = SVD

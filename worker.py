@@ -36,6 +36,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # Under "bentoml." so that BentoML's logging set-up shows its INFO lines with the rest.
 logger = logging.getLogger("bentoml.svd")
 settings = get_settings()
+if settings.low_memory:
+    # Memory freed by one model's offload is reused by the next instead of staying reserved
+    # in blocks of the wrong size: what the process holds stays near what it uses.
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 variant = settings.variant
 variant_model, image_encoder_model = find_models(settings)
 NOISE_WARNING = "demo model: tiny random weights, the video is noise"
@@ -96,7 +100,8 @@ class GenerationWorker:
             loop.call_soon_threadsafe(events.put_nowait, event_line(**event))
 
         work = asyncio.ensure_future(asyncio.to_thread(
-            self.engine.run, image, job, deadline, caller_gone, report, encoder.add))
+            self.engine.run, image, job, deadline, caller_gone, report, encoder.add,
+            request_id=request_id))
         try:
             while not (work.done() and events.empty()):
                 getter = asyncio.ensure_future(events.get())

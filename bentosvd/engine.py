@@ -147,6 +147,13 @@ class Engine:
         device = pick_device(settings, index)
         speedups = speedups_for(settings, device)
         self.on_gpu = device.startswith("cuda")
+        if self.on_gpu:
+            # Sets up the device's memory allocator now: with LOW_MEMORY the weights load on
+            # the CPU, so nothing has touched the GPU before the first request, and
+            # reset_peak_memory_stats on an allocator not yet set up raises "Invalid device
+            # argument".
+            torch.cuda.init()
+            torch.zeros(1, device=device)
         started = time.perf_counter()
         self.generator = VideoGenerator.load(pipeline_dir, image_encoder_dir, device=device,
                                              dtype=settings.dtype, speedups=speedups,
@@ -167,7 +174,7 @@ class Engine:
         self.lock = threading.Lock()
         self.busy_gauge = busy_gauge
         self.faults_in_a_row = 0
-        self.injected_faults = settings.inject_faults
+        self.injected_faults = list(settings.inject_faults)
 
     def _saved_blocks(self) -> str:
         """How the compiled blocks got their code so far, for the warm-up's log line."""
@@ -182,7 +189,7 @@ class Engine:
         return self.faults_in_a_row < self.settings.max_faults_in_a_row
 
     def run(self, image: np.ndarray, job: dict, deadline: float,
-            caller_gone: threading.Event, report, on_frames=None) -> dict:
+            caller_gone: threading.Event, report, on_frames=None, request_id: str = "") -> dict:
         """Generate the frames of `job` (`GenerationSettings`' fields). `report(**event)` gets {"event": "started"} once the GPU
         is this request's and {"event": "step", ...} after each step; `on_frames(chunk)`
         gets the decoded frames chunk by chunk (`VideoGenerator.generate`). Returns
@@ -193,9 +200,10 @@ class Engine:
                 raise Stopped(f"the caller disconnected (step {step}/{total})")
             if time.time() > deadline:
                 raise Stopped(f"the deadline passed (step {step}/{total})")
-            if self.injected_faults > 0:  # tests: a GPU fault in the middle of a generation
-                self.injected_faults -= 1
-                raise torch.cuda.OutOfMemoryError("injected CUDA out of memory")
+            if self.injected_faults:  # tests: a fault in the middle of a generation
+                if self.injected_faults.pop(0) == "gpu_oom":
+                    raise torch.cuda.OutOfMemoryError("injected CUDA out of memory")
+                raise RuntimeError("injected unexpected error")
             if step:
                 report(event="step", step=step, total=total)
 
@@ -224,6 +232,15 @@ class Engine:
                 self._free_gpu_memory()
                 logger.error("GPU out of memory (%d in a row): %s", self.faults_in_a_row, e)
                 return {"event": "error", "kind": "gpu_oom", "message": str(e)[:500]}
+            except Exception as e:
+                # A bug, not a passing condition: the caller gets a 500 (trying again would
+                # fail the same way) and the traceback stays in the log.
+                self.faults_in_a_row += 1
+                self._free_gpu_memory()
+                logger.exception("generation of %s failed (%d faults in a row)", request_id,
+                                 self.faults_in_a_row)
+                return {"event": "error", "kind": "internal",
+                        "message": f"{type(e).__name__}: {str(e)[:200]}"}
         self.faults_in_a_row = 0
         peak = torch.cuda.max_memory_allocated(self.generator.device) if self.on_gpu else None
         return {"event": "done", "frames": frames, "timings": timings, "gpu_peak_bytes": peak}

@@ -20,6 +20,7 @@ import diffusers
 import numpy as np
 import torch
 from diffusers import EulerDiscreteScheduler, StableVideoDiffusionPipeline, UNetSpatioTemporalConditionModel
+from diffusers.models.unets.unet_spatio_temporal_condition import UNetSpatioTemporalConditionOutput
 from PIL import Image
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
@@ -269,6 +270,9 @@ class VideoGenerator:
         if speedups.compile_vae and self.saved_regions is None:
             vae.decoder.compile(dynamic=False)
         if speedups.low_memory and device.type == "cuda":
+            # Before the offload hooks, which then wrap this forward and still move the
+            # weights: the hooks replace `forward` and call whatever it was.
+            split_guidance_batch(unet)
             self.pipe.enable_model_cpu_offload(device=device)
             # dim 0 is the frames (and, in temporal blocks, diffusers chunks the frames
             # itself): one frame's feed-forward at a time, a few dozen calls per layer.
@@ -481,6 +485,29 @@ def quantize_fp8(unet: torch.nn.Module, device: torch.device) -> None:
     config = Float8DynamicActivationFloat8WeightConfig(granularity=granularity,
                                                        set_inductor_config=False)
     quantize_(unet, config, filter_fn=in_transformer)
+
+
+def split_guidance_batch(unet: torch.nn.Module) -> None:
+    """Run the UNet on one sample of its batch at a time (classifier-free guidance's
+    unconditional and conditional halves one after the other): half the activations in
+    memory at once, for the same result up to float rounding."""
+    forward = unet.forward
+
+    def one_at_a_time(sample, timestep, encoder_hidden_states, added_time_ids,
+                      return_dict=True):
+        n = sample.shape[0]
+        if n == 1:
+            return forward(sample, timestep, encoder_hidden_states, added_time_ids,
+                           return_dict=return_dict)
+        per_sample = torch.is_tensor(timestep) and timestep.ndim > 0 and timestep.shape[0] == n
+        out = torch.cat([
+            forward(sample[i:i + 1], timestep[i:i + 1] if per_sample else timestep,
+                    encoder_hidden_states[i:i + 1], added_time_ids[i:i + 1],
+                    return_dict=False)[0]
+            for i in range(n)])
+        return UNetSpatioTemporalConditionOutput(sample=out) if return_dict else (out,)
+
+    unet.forward = one_at_a_time
 
 
 def decode_calls(num_frames: int, chunk: int) -> set[int]:

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from bentosvd.components import build_demo
-from bentosvd.pipeline import GenerationSettings, Speedups, VideoGenerator, quantize_fp8
+from bentosvd.pipeline import (GenerationSettings, Speedups, VideoGenerator, quantize_fp8,
+                               split_guidance_batch)
 
 SETTINGS = GenerationSettings(num_frames=4, num_inference_steps=3, min_guidance_scale=1.0,
                               max_guidance_scale=2.0, fps=7, motion_bucket_id=127,
@@ -98,3 +99,21 @@ def test_fp8_is_refused_where_it_cannot_run():
         quantize_fp8(unet, torch.device("cpu"))
     with pytest.raises(ValueError, match="compute capability 8.9"):
         VideoGenerator(build_demo(4), torch.device("cpu"), Speedups(fp8=True))
+
+
+def test_split_guidance_batch_gives_the_batched_result(generator):
+    unet = generator.pipe.unet
+    torch.manual_seed(0)
+    config = unet.config
+    sample = torch.randn(2, 3, config.in_channels, 8, 8)
+    hidden = torch.randn(2, 1, config.cross_attention_dim)
+    time_ids = torch.randn(2, 3)
+    whole = unet(sample, torch.tensor(5.0), hidden, time_ids, return_dict=False)[0]
+    split_guidance_batch(unet)
+    try:
+        halves = unet(sample, torch.tensor(5.0), hidden, time_ids, return_dict=False)[0]
+        as_output = unet(sample, torch.tensor(5.0), hidden, time_ids).sample
+    finally:
+        del unet.forward  # back to the class's forward for the other tests
+    torch.testing.assert_close(halves, whole, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(as_output, whole, rtol=1e-4, atol=1e-5)

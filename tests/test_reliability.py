@@ -1,7 +1,8 @@
 """Overload, deadlines, disconnects, GPU faults, start-up and shutdown, against real servers.
 
-GPU faults are injected (INJECT_FAULTS=N: the next N generations raise torch's CUDA
-out-of-memory error between two denoising steps) because this machine has no GPU.
+Faults are injected (INJECT_FAULTS='["internal", "gpu_oom"]': the next generations raise
+an unexpected error, then torch's CUDA out-of-memory error, between two denoising steps)
+because this machine has no GPU.
 """
 
 from __future__ import annotations
@@ -29,14 +30,25 @@ def wait_for_log(server, text: str, timeout: float = 30) -> str:
     raise AssertionError(f"{text!r} not in the server log:\n{server.log_text()}")
 
 
-def test_gpu_faults_answer_503_then_livez_fails_and_recovers(start_server, test_image):
-    server = start_server(INJECT_FAULTS="3", MAX_FAULTS_IN_A_ROW="3")
-    for attempt in range(3):
+def test_faults_answer_500_or_503_then_livez_fails_and_recovers(start_server, test_image):
+    # An unexpected error in the worker, then two CUDA out-of-memory errors: three faults.
+    server = start_server(INJECT_FAULTS='["internal", "gpu_oom", "gpu_oom"]',
+                          MAX_FAULTS_IN_A_ROW="3")
+    response = post(server, test_image, {"seed": 0})
+    assert response.status_code == 500, response.text  # a bug: trying again will not help
+    assert "retry-after" not in response.headers
+    body = response.json()
+    request_id = body["message"].split("request ")[1].split()[0]
+    assert "RuntimeError: injected unexpected error" in body["message"]
+    log = wait_for_log(server, f"generation of {request_id} failed")
+    assert "Traceback" in log
+    assert httpx.get(f"{server.url}/livez").status_code == 200
+    for attempt in range(2):
         response = post(server, test_image, {"seed": 0})
         assert response.status_code == 503
         assert int(response.headers["retry-after"]) >= 1
         assert "out of memory" in response.json()["message"]
-        expected_live = 200 if attempt < 2 else 503  # three faults in a row: restart me
+        expected_live = 200 if attempt < 1 else 503  # three faults in a row: restart me
         assert httpx.get(f"{server.url}/livez").status_code == expected_live
     assert httpx.get(f"{server.url}/readyz").status_code == 200
     response = post(server, test_image, {"seed": 0})  # memory was freed: the next one works

@@ -23,7 +23,8 @@ import bentoml
 import httpx
 import pytest
 
-from request_guard import AnswerErrors, RequestGuard
+from config import Params, Settings
+from request_guard import AnswerErrors, JsonField, RequestGuard, json_depth
 from tests.conftest import ROOT
 from tests.test_service import BLOG_CURL
 
@@ -34,6 +35,9 @@ IMG = ("img", "cat.png", b"\x89PNG not really")
 PARAMS = ("params", None, b'{"seed": 1}')
 MAX_UPLOAD = 2 * 2**20
 CAP = MAX_UPLOAD + 64 * 1024  # as service.py wires it
+LIMITS = Settings()
+PARAMS_FIELD = JsonField(Params, max_bytes=LIMITS.max_params_bytes,
+                         max_depth=LIMITS.max_params_depth, max_digits=LIMITS.max_number_digits)
 
 
 def form(*parts: tuple[str, str | None, bytes], boundary: str = B) -> bytes:
@@ -66,6 +70,29 @@ REFUSED = [
     pytest.param("application/x-www-form-urlencoded", f"img={URL}".encode(), 415, None, id="urlencoded"),
     pytest.param("multipart/form-data", form(IMG), 415, None, id="multipart without boundary"),
     pytest.param(None, b"", 415, None, id="no content type"),
+    # params that Python's json module or BentoML's parsing would turn into a 500
+    *[pytest.param(MULTIPART, form(IMG, ("params", filename, value)), status, field, id=name)
+      for filename in (None, "params.json") for name, value, status, field in [
+        ("number of 5000 digits", b'{"seed": ' + b"9" * 5000 + b"}", 400, "params"),
+        ("float of 400 digits", b'{"cond_aug": 1' + b"0" * 400 + b".5}", 400, "params"),
+        ("list 5000 deep", b'{"seed": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400, "params"),
+        ("object 2000 deep", b'{"a":' * 2000 + b"1" + b"}" * 2000, 400, "params"),
+        ("list 5 deep", b'{"seed": [[[[1]]]]}', 400, "params"),
+        ("1.5 MiB string", b'{"format": "' + b"x" * (3 * 2**19) + b'"}', 413, "params"),
+        ("over max_params_bytes", b'{"format": "' + b"x" * LIMITS.max_params_bytes + b'"}', 413,
+         "params"),
+        ("not UTF-8", b'{"format": "\xff\xfe"}', 400, "params"),
+        ("UTF-16", '{"seed": 1}'.encode("utf-16"), 400, "params"),
+        ("NaN", b'{"cond_aug": NaN}', 400, "params"),
+        ("Infinity", b'{"cond_aug": -Infinity}', 400, "params"),
+        ("not JSON", b"{seed: 1}", 400, "params"),
+        ("empty", b"", 400, "params"),
+        ("JSON null", b"null", 400, "params"),
+        ("a list", b"[1, 2]", 400, "params"),
+        ("out of bounds", b'{"fps_id": 99}', 400, "params.fps_id"),
+        ("nested in a field", b'{"seed": {"a": 1}}', 400, "params.seed"),
+        ("unknown param", b'{"sed": 1}', 400, "params.sed"),
+      ] if filename is None or "deep" in name or "digits" in name],
 ]
 
 
@@ -95,7 +122,8 @@ class Call:
         self.chunks, self.reads, self.sent = list(chunks), 0, []
         self.app_body: bytes | None = None
         self.app_receive = self.app_next = None
-        asyncio.run(RequestGuard(self.app, max_body_bytes=cap)(self.scope, self.receive, self.send))
+        guard = RequestGuard(self.app, max_body_bytes=cap, json_fields={"params": PARAMS_FIELD})
+        asyncio.run(guard(self.scope, self.receive, self.send))
 
     async def receive(self):
         self.reads += 1
@@ -129,7 +157,14 @@ class Call:
 
 @pytest.mark.parametrize("content_type, body, status, field", REFUSED)
 def test_guard_refuses(content_type, body, status, field):
-    Call(content_type, [body]).answer(status, field)
+    Call(content_type, [body], cap=CAP).answer(status, field)
+
+
+@pytest.mark.parametrize("text, depth", [
+    ("1", 0), ("{}", 1), ('{"a": [1, {"b": []}]}', 4), ('{"a": "[[[[{{{"}', 1),
+    ('{"a": "\\"[[["}', 1), ('["\\\\", [[]]]', 3)])
+def test_json_depth_skips_strings_and_escapes(text, depth):
+    assert json_depth(text) == depth
 
 
 @pytest.mark.parametrize("parts", [

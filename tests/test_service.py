@@ -113,13 +113,14 @@ def test_decoding_t_above_frame_count_gets_json_error(server, test_image):
 
 @pytest.mark.parametrize("params, field", [
     ('{"fps_id": 99}', "fps_id"), ('{"motion_bucket_id": 256}', "motion_bucket_id"),
-    ('{"cond_aug": NaN}', "cond_aug"), ('{"seed": -1}', "seed"), ('{"seed": 9007199254740992}', "seed"),
+    ('{"cond_aug": 1e999}', "cond_aug"), ('{"seed": -1}', "seed"), ('{"seed": 9007199254740992}', "seed"),
     ('{"fps_id": 6, "fsp_id": 6}', "fsp_id"), ('{"seed": "abc"}', "seed"),
 ])
 def test_params_outside_schema_get_400_naming_the_field(server, test_image, params, field):
     response = post(server, test_image, params)
     assert response.status_code == 400
-    assert field in response.json()["detail"][0]["loc"]
+    body = response.json()  # the service's one error shape, not BentoML's own
+    assert body["field"] == f"params.{field}" and {"error", "message", "fix"} <= set(body)
 
 
 @pytest.mark.parametrize("filename", ["../../evil.png", "a/b.png", "a\\b.png", "évil ☃.png",
