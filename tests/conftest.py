@@ -48,7 +48,8 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         self.proc = subprocess.Popen(
-            [str(BIN / "bentoml"), "serve", *args, "--host", "127.0.0.1", "--port", str(self.port)],
+            [sys.executable, "-m", "bentoml", "serve", *args, "--host", "127.0.0.1", "--port",
+             str(self.port)],
             cwd=cwd, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
             start_new_session=True,
         )
