@@ -37,7 +37,7 @@ test-gpu:
 
 # GPU: full-size synthetic SVD-XT; CPU: the demo model. Writes bench.json.
 bench: install
-	$(BIN)/python -m bentosvd.bench --sweep --server $(BENCH_ARGS)
+	$(BIN)/python -m benchmarks.bench --sweep --server $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -16,14 +16,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-from config import VARIANTS, Settings
+from bentosvd.config import VARIANTS, Settings
 
-DEMO_BUILD = "demo-v1"  # bump when bentosvd.components.build_demo changes
+DEMO_BUILD = "demo-v1"  # bump when bentosvd.weights.random_weights.build_demo changes
 
 
 def sha256_tree(root: Path) -> dict[str, str]:
     """sha256 of every file below `root`, keyed by its path relative to `root`."""
-    from bentosvd.hub import sha256_file
+    from bentosvd.weights.hub import sha256_file
 
     return {p.relative_to(root).as_posix(): sha256_file(p)
             for p in sorted(root.rglob("*")) if p.is_file()}
@@ -33,8 +33,8 @@ def stage_random(variant_name: str, dest: Path, synthetic: bool) -> dict:
     """Build the demo or synthetic parts in code and save them in the store's layout."""
     import torch
 
-    from bentosvd.components import build_demo, build_synthetic
-    from bentosvd.pipeline import save_parts
+    from bentosvd.weights.random_weights import build_demo, build_synthetic
+    from bentosvd.svd.loading import save_parts
 
     frames = VARIANTS[variant_name].num_frames
     if synthetic:
@@ -49,7 +49,7 @@ def stage_random(variant_name: str, dest: Path, synthetic: bool) -> dict:
 
 
 def stage_real(variant_name: str, dest: Path, args: argparse.Namespace) -> dict:
-    from bentosvd import hub
+    from bentosvd.weights import hub
 
     if args.from_dir:
         info = hub.copy_from_dir(variant_name, Path(args.from_dir), dest)
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="do nothing if the variant is already registered (make serve)")
     args = parser.parse_args(argv)
 
-    from model_store import MissingModel, find_models, register_variant
+    from bentosvd.weights.store import MissingModel, find_models, register_variant
 
     variant = VARIANTS[args.variant or Settings().model_version]
     if args.if_missing and not args.synthetic:

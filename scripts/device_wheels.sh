@@ -23,7 +23,7 @@
 #
 # huggingface-hub / transformers. diffusers 0.42.1 asks huggingface-hub>=1.32.0,<3.0 and no
 # transformers at all, so the machine's hub 1.33.0 and transformers 5.17.0 serve it and are not
-# carried by default. requirements.txt pins hub 2.4.0 (bentosvd/hub.py, used only by
+# carried by default. requirements.txt pins hub 2.4.0 (bentosvd/weights/hub.py, used only by
 # import_model.py downloads, and tests/fake_hub.py target 2.x), but carrying hub 2.x forces
 # transformers 5.23.0 too: transformers 5.17.0 asks huggingface-hub<2.0 and checks it when imported
 # (dependency_versions_check), so 5.17 + hub 2.x fails on `import transformers`; and tokenizers

@@ -14,7 +14,7 @@ def test_bench_runs_on_cpu_with_demo_model(tmp_path):
     out = tmp_path / "bench.json"
     docs = tmp_path / "BENCHMARKS.md"
     result = subprocess.run(
-        [sys.executable, "-m", "bentosvd.bench", "--model", "demo", "--repeats", "1",
+        [sys.executable, "-m", "benchmarks.bench", "--model", "demo", "--repeats", "1",
          "--server", "--server-starts", "cold_cache", "--server-burst", "3", "--profile", "fast",
          "--server-env", "STEP_CACHE=2", "MAX_QUEUE=1",
          "--out", str(out), "--docs", str(docs)],
@@ -56,7 +56,7 @@ def test_a_bench_stopped_mid_run_stops_the_server_it_started(tmp_path):
     import psutil
 
     bench = subprocess.Popen(
-        [sys.executable, "-m", "bentosvd.bench", "--model", "demo", "--server-only",
+        [sys.executable, "-m", "benchmarks.bench", "--model", "demo", "--server-only",
          "--server-starts", "cold_cache", "--ready-timeout", "300", "--out", str(tmp_path / "b.json")],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
@@ -74,7 +74,7 @@ def test_a_bench_stopped_mid_run_stops_the_server_it_started(tmp_path):
 
 
 def test_the_table_says_where_each_server_start_went():
-    from bentosvd.bench import table
+    from benchmarks.bench import table
 
     start = {"ready_s": 34.66, "latency_s": 12.5605,
              "startup": {"imported_s": 14.3, "loaded_s": 1.8,
@@ -90,7 +90,7 @@ def test_the_table_says_where_each_server_start_went():
 def test_the_table_gives_no_rate_where_steps_run_part_of_the_unet():
     """A step-caching mode's cached steps run part of the UNet: its FLOPs over their time
     is no rate (it read 890 TFLOP/s on an H200), so the table leaves that cell empty."""
-    from bentosvd.bench import table
+    from benchmarks.bench import table
 
     phases = {"image_encode": 0.09, "unet_steps": 10.26, "vae_decode": 0.70, "video_encode": 0.06}
     mode = {"seconds": 11.11, "speedup_vs_vanilla": 1.68, "phases": phases, "peak_gib": 9.8,

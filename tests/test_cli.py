@@ -1,4 +1,4 @@
-"""The command-line client, run as users run it (`python -m bentosvd.cli ...` in a
+"""The command-line client, run as users run it (`python -m bentosvd.client.cli ...` in a
 subprocess): against the real demo server for videos, failures and re-runs, and against a
 small stand-in server for retries, which the real one cannot be made to answer on cue."""
 
@@ -20,17 +20,17 @@ from typing import Literal
 import httpx
 import pytest
 
-from bentosvd.cli import (MAX_WAIT, build_parser, failure_from, find_images,
+from bentosvd.client.cli import (MAX_WAIT, build_parser, failure_from, find_images,
                           params_from, parse_param, plan_batch, retry_delay, video_suffix)
-from bentosvd.video import probe_video
-from config import VARIANTS, Params
+from bentosvd.media.video import probe_video
+from bentosvd.config import VARIANTS, Params
 from tests.conftest import ROOT, free_port, make_image
 
 DEMO = VARIANTS["demo"]
 
 
 def cli(*args, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "bentosvd.cli", *map(str, args)], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "bentosvd.client.cli", *map(str, args)], cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -229,7 +229,7 @@ def test_batch_stops_when_the_server_stays_unreachable(stand_in, tmp_path):
 
 
 def test_the_client_imports_no_bentoml():
-    code = "import sys, bentosvd.cli; print('bentoml' in sys.modules)"
+    code = "import sys, bentosvd.client.cli; print('bentoml' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert result.stdout.strip() == "False", result.stderr
 

@@ -1,4 +1,4 @@
-"""The single-token cross-attention shortcut (bentosvd/cross_attention.py): SVD's UNet gives
+"""The single-token cross-attention shortcut (bentosvd/svd/accel/cross_attention.py): SVD's UNet gives
 the same output with it, its cross-attention layers then skip the query projection and
 the attention kernel, and any other attention is computed as before."""
 
@@ -10,11 +10,13 @@ import torch.nn.functional as F
 from diffusers import UNetSpatioTemporalConditionModel
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from bentosvd.components import build_demo
-from bentosvd.cross_attention import (SingleTokenCrossAttention,
+from bentosvd.weights.random_weights import build_demo
+from bentosvd.svd.accel.cross_attention import (SingleTokenCrossAttention,
                                       remove_single_token_cross_attention,
                                       use_single_token_cross_attention)
-from bentosvd.pipeline import GenerationSettings, Speedups, VideoGenerator
+from bentosvd.protocol import GenerationSettings
+from bentosvd.svd.generator import VideoGenerator
+from bentosvd.svd.speedups import Speedups
 
 
 def unet_inputs(unet, frames=4, size=32, seed=0):

@@ -19,7 +19,7 @@ import pytest
 import yaml
 from typing_extensions import is_typeddict
 
-from config import VARIANTS, Settings
+from bentosvd.config import VARIANTS, Settings
 from tests.conftest import BIN, ROOT
 from tests.test_service import DEMO, assert_video, run_blog_curl
 

@@ -1,4 +1,4 @@
-"""bentosvd.dispatch and bentosvd.jobs on their own: queue order, limits, job lifetimes."""
+"""bentosvd.api.dispatch and bentosvd.api.jobs on their own: queue order, limits, job lifetimes."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from bentosvd.dispatch import Dispatcher, Full, RecentDuration
-from bentosvd.jobs import Job, JobStore
+from bentosvd.api.dispatch import Dispatcher, Full, RecentDuration
+from bentosvd.api.jobs import Job, JobStore
 
 
 def test_requests_get_free_workers_first_come_first_served():
@@ -85,7 +85,7 @@ def test_lines_come_out_whole_however_the_stream_is_chunked():
     import json
     import random
 
-    from bentosvd.dispatch import Lines
+    from bentosvd.api.dispatch import Lines
 
     events = [json.dumps({"event": "step", "step": i}) for i in range(25)]
     events.append(json.dumps({"event": "done", "video": "A" * 4_000_000}))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from config import Params, Settings
+from bentosvd.config import Params, Settings
 from tests.conftest import ROOT
 
 README_PATH = ROOT / "README.md"

@@ -1,4 +1,4 @@
-"""bentosvd.hub against a local fake hub: real huggingface_hub client, real HTTP, tiny random-weight repos."""
+"""bentosvd.weights.hub against a local fake hub: real huggingface_hub client, real HTTP, tiny random-weight repos."""
 
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ from fake_hub import (  # noqa: E402
     make_tiny_repo,
 )
 
-from bentosvd import hub  # noqa: E402
-from bentosvd.hub import DownloadError, MissingFilesError, copy_from_dir, download_variant  # noqa: E402
+from bentosvd.weights import hub  # noqa: E402
+from bentosvd.weights.hub import DownloadError, MissingFilesError, copy_from_dir, download_variant  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SVD = "stabilityai/stable-video-diffusion-img2vid"
@@ -312,7 +312,7 @@ def test_hf_endpoint_and_hf_token_from_the_environment(fake_hub, tmp_path):
     env.update(HF_ENDPOINT=fake_hub.url, HF_TOKEN=GOOD_TOKEN, HF_HOME=str(hf_home),
                HF_HUB_DISABLE_PROGRESS_BARS="1", PYTHONPATH=str(REPO_ROOT))
     code = (
-        "import json, sys; from pathlib import Path; from bentosvd.hub import download_variant; "
+        "import json, sys; from pathlib import Path; from bentosvd.weights.hub import download_variant; "
         "print(json.dumps(download_variant('svd', Path(sys.argv[1]))))"
     )
     proc = subprocess.run([sys.executable, "-c", code, str(dest)], env=env, cwd=tmp_path,

@@ -1,4 +1,4 @@
-"""bentosvd.images: real images made with Pillow, decoded for real."""
+"""bentosvd.media.images: real images made with Pillow, decoded for real."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from bentosvd.errors import InvalidImage, PayloadTooLarge, UnsupportedMediaType
-from bentosvd.images import ALLOWED_FORMATS, decode_upload, target_size, to_rgb
+from bentosvd.media.images import ALLOWED_FORMATS, decode_upload, target_size, to_rgb
 
 SMALL = (64, 48)  # a landscape model size that keeps the tests fast
 RED, GREEN, BLUE, WHITE, BLACK = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255), (0, 0, 0)

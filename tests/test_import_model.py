@@ -107,7 +107,7 @@ def test_missing_model_fails_startup_naming_tag_and_command(tmp_path):
 
 def test_synthetic_model_has_the_full_size_architecture():
     """Built on the meta device: the real shapes without allocating 2.2 B parameters."""
-    from bentosvd.components import build_synthetic
+    from bentosvd.weights.random_weights import build_synthetic
 
     parts = build_synthetic(25, device="meta")
     count = {k: sum(p.numel() for p in parts[k].parameters()) for k in ("unet", "vae", "image_encoder")}

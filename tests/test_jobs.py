@@ -11,8 +11,8 @@ import time
 import httpx
 import pytest
 
-from bentosvd.video import probe_video
-from config import VARIANTS
+from bentosvd.media.video import probe_video
+from bentosvd.config import VARIANTS
 from tests.conftest import ROOT, demo_env
 from tests.test_service import DEMO, assert_video, post
 

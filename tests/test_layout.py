@@ -1,4 +1,4 @@
-"""Channels-last activations between the UNet's compiled blocks (bentosvd/layout.py), on
+"""Channels-last activations between the UNet's compiled blocks (bentosvd/svd/accel/channels_last.py), on
 the CPU with the demo parts: every compiled block then returns channels-last, ahead of
 time or in the process, and all but the two fed by conv_in get it; a restart loads its
 own files (not the NCHW blocks'); a shape not warmed up runs eagerly in NCHW; and the
@@ -14,9 +14,11 @@ import pytest
 import torch
 from diffusers.models.transformers.transformer_temporal import TransformerTemporalModelOutput
 
-from bentosvd.components import build_demo
-from bentosvd.layout import channels_last_output
-from bentosvd.pipeline import UNET_REGIONS, Speedups, VideoGenerator, compile_regions
+from bentosvd.weights.random_weights import build_demo
+from bentosvd.svd.accel.channels_last import channels_last_output
+from bentosvd.svd.compiled_blocks import UNET_REGIONS, compile_regions
+from bentosvd.svd.generator import VideoGenerator
+from bentosvd.svd.speedups import Speedups
 from tests.test_saved_regions import IMAGE, SAVED, SETTINGS, assert_close, warmed
 
 CHANNELS_LAST = replace(SAVED, channels_last_blocks=True)

@@ -1,4 +1,4 @@
-"""The UNet's blocks compiled ahead of time and kept on disk (bentosvd.saved_regions), on
+"""The UNet's blocks compiled ahead of time and kept on disk (bentosvd.svd.compiled_blocks), on
 the CPU with the demo parts.
 
 Inductor compiles C++ kernels here instead of Triton ones, but the files, their keys and
@@ -23,12 +23,15 @@ import numpy as np
 import pytest
 import torch
 
-from bentosvd import saved_regions
-from bentosvd.components import build_demo
-from bentosvd.cross_attention import (remove_single_token_cross_attention,
+from bentosvd.svd import compiled_blocks
+from bentosvd.weights.random_weights import build_demo
+from bentosvd.svd.accel.cross_attention import (remove_single_token_cross_attention,
                                       use_single_token_cross_attention)
-from bentosvd.layout import use_channels_last_weights
-from bentosvd.pipeline import UNET_REGIONS, GenerationSettings, Speedups, VideoGenerator
+from bentosvd.svd.accel.channels_last import use_channels_last_weights
+from bentosvd.protocol import GenerationSettings
+from bentosvd.svd.compiled_blocks import UNET_REGIONS
+from bentosvd.svd.generator import VideoGenerator
+from bentosvd.svd.speedups import Speedups
 from tests.conftest import ROOT
 
 SETTINGS = GenerationSettings(num_frames=4, num_inference_steps=3, min_guidance_scale=1.0,
@@ -79,8 +82,9 @@ CHILD = textwrap.dedent("""
     import json, sys
     import numpy as np, torch
     from torch._dynamo.utils import counters
-    from bentosvd.components import build_demo
-    from bentosvd.pipeline import Speedups, VideoGenerator
+    from bentosvd.weights.random_weights import build_demo
+    from bentosvd.svd.generator import VideoGenerator
+    from bentosvd.svd.speedups import Speedups
     from tests.test_saved_regions import IMAGE, SAVED, SETTINGS
     gen = VideoGenerator(build_demo(4), torch.device("cpu"), SAVED, sys.argv[1])
     gen.warm_up(4, 144, 256)
@@ -122,7 +126,7 @@ def test_a_damaged_file_is_compiled_again(cache, eager_frames, tmp_path, caplog)
     gen = warmed(build_demo(4), damaged)
     assert dict(gen.saved_regions.counts) == {"loaded": len(files(cache)) - 1, "compiled": 1}
     assert f"could not load {damaged / name}" in caplog.text
-    saved_regions._load(damaged / name)  # replaced by a file that loads
+    compiled_blocks._load(damaged / name)  # replaced by a file that loads
     assert_close(gen.generate(IMAGE, SETTINGS), eager_frames)
 
 
@@ -148,7 +152,7 @@ def test_a_block_that_cannot_be_compiled_ahead_of_time_is_compiled_in_process(
     def unsupported(*args):
         raise RuntimeError("no aot_compile here")
 
-    monkeypatch.setattr(saved_regions, "_compile", unsupported)
+    monkeypatch.setattr(compiled_blocks, "_compile", unsupported)
     caplog.set_level(logging.WARNING, logger="bentoml.svd")
     torch._dynamo.reset()
     gen = warmed(build_demo(4), tmp_path)
@@ -164,21 +168,21 @@ def test_a_file_is_per_block_configuration():
     each configuration gets keys of its own; the weights' values are not part of it."""
     unet = build_demo(4)["unet"]
     blocks = [m for m in unet.modules() if type(m).__name__ in UNET_REGIONS]
-    structures = {saved_regions._structure(b) for b in blocks}
+    structures = {compiled_blocks._structure(b) for b in blocks}
     assert 2 <= len(structures) < len(blocks)  # some blocks share one
     other = [m for m in build_demo(4, seed=1)["unet"].modules() if type(m).__name__ in UNET_REGIONS]
-    assert [saved_regions._structure(b) for b in other] == [saved_regions._structure(b) for b in blocks]
+    assert [compiled_blocks._structure(b) for b in other] == [compiled_blocks._structure(b) for b in blocks]
     transformer = next(b for b in blocks if type(b).__name__ == "TransformerSpatioTemporalModel")
-    before = saved_regions._structure(transformer)
+    before = compiled_blocks._structure(transformer)
     use_single_token_cross_attention(unet)
-    assert saved_regions._structure(transformer) != before  # the processor's class counts
+    assert compiled_blocks._structure(transformer) != before  # the processor's class counts
     remove_single_token_cross_attention(unet)
-    assert saved_regions._structure(transformer) == before
+    assert compiled_blocks._structure(transformer) == before
     # So does the weights' memory layout, which the saved guards check (strides).
     resnet = next(b for b in blocks if type(b).__name__ == "SpatioTemporalResBlock")
-    before = saved_regions._structure(resnet)
+    before = compiled_blocks._structure(resnet)
     use_channels_last_weights(resnet)
-    assert saved_regions._structure(resnet) != before
+    assert compiled_blocks._structure(resnet) != before
 
 
 def test_weights_in_another_layout_get_files_of_their_own(cache, eager_frames, tmp_path, caplog):
@@ -262,7 +266,7 @@ def test_a_file_whose_code_fails_on_its_first_call_is_compiled_again(cache, eage
     caplog.set_level(logging.WARNING, logger="bentoml.svd")
     copy = tmp_path / "saved"
     shutil.copytree(cache, copy)
-    load = saved_regions._load
+    load = compiled_blocks._load
 
     class Broken:
         def __init__(self, loaded):
@@ -274,10 +278,10 @@ def test_a_file_whose_code_fails_on_its_first_call_is_compiled_again(cache, eage
     def load_broken(path):
         return Broken(load(path))
 
-    monkeypatch.setattr(saved_regions, "_load", load_broken)
+    monkeypatch.setattr(compiled_blocks, "_load", load_broken)
     gen = warmed(build_demo(4), copy)
     assert dict(gen.saved_regions.counts) == {"compiled": len(files(cache))}
     assert caplog.text.count("device kernel image is invalid); compiling it again") == len(files(cache))
-    monkeypatch.setattr(saved_regions, "_load", load)
+    monkeypatch.setattr(compiled_blocks, "_load", load)
     assert_close(gen.generate(IMAGE, SETTINGS), eager_frames)
     assert dict(warmed(build_demo(4), copy).saved_regions.counts) == {"loaded": len(files(cache))}

@@ -12,8 +12,8 @@ import bentoml
 import httpx
 import pytest
 
-from bentosvd.video import probe_video
-from config import MAX_SEED, VARIANTS, Params
+from bentosvd.media.video import probe_video
+from bentosvd.config import MAX_SEED, VARIANTS, Params
 from tests.conftest import ROOT, make_image
 
 DEMO = VARIANTS["demo"]

@@ -1,4 +1,4 @@
-"""Step caching (bentosvd/stepcache.py) on the CPU with the demo parts.
+"""Step caching (bentosvd/svd/stepcache.py) on the CPU with the demo parts.
 
 The split of the UNet into a whole and a shallow pass is checked against diffusers' own
 forward; a generation is checked to run the whole UNet only every N-th step, to change
@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from bentosvd.components import build_demo
-from bentosvd.pipeline import GenerationSettings, Speedups, VideoGenerator
-from bentosvd.stepcache import StepCache
+from bentosvd.weights.random_weights import build_demo
+from bentosvd.protocol import GenerationSettings
+from bentosvd.svd.generator import VideoGenerator
+from bentosvd.svd.speedups import Speedups
+from bentosvd.svd.stepcache import StepCache
 from tests.test_service import DEMO, assert_video, post
 
 SETTINGS = GenerationSettings(num_frames=4, num_inference_steps=7, min_guidance_scale=1.0,

@@ -1,4 +1,4 @@
-"""bentosvd.engine.StreamingEncode: the server's video encode, fed chunk by chunk while
+"""bentosvd.media.streaming_encode.StreamingEncode: the server's video encode, fed chunk by chunk while
 the rest of the clip is still being decoded (real encodes, read back)."""
 
 from __future__ import annotations
@@ -10,16 +10,18 @@ import time
 import numpy as np
 import pytest
 
-from bentosvd import video
-from bentosvd.engine import StreamingEncode, encode_output
-from bentosvd.video import probe_video
+from bentosvd.media import video
+from bentosvd.media.streaming_encode import StreamingEncode, encode_output
+from bentosvd.protocol import OutputSpec
+from bentosvd.media.video import probe_video
 from test_video import clip
 
 SHAPE = (6, 143, 255, 3)  # see test_chunks_make_the_same_file_as_the_whole_clip for the size
 
 
 def plain(fmt="mp4", **extra):
-    return {"format": fmt, "fps": 7, "boomerang": False, "interpolate_fps": None, **extra}
+    return OutputSpec(**{"format": fmt, "fps": 7, "boomerang": False, "interpolate_fps": None,
+                         **extra})
 
 
 def wait_for(condition, what: str, seconds: float = 20) -> None:
@@ -60,7 +62,7 @@ def test_frames_are_encoded_before_the_clip_is_complete(monkeypatch, output):
     encoder.add(frames[:2])
     wait_for(lambda: len(taken) == 2, "the first chunk's frames reach the encoder")
     encoder.add(frames[2:])
-    count = 10 if output["boomerang"] else 6  # there and back: 2F - 2
+    count = 10 if output.boomerang else 6  # there and back: 2F - 2
     info = probe_video(encoder.result())
     assert (info["codec"], info["frames"]) == ("h264", count)
     assert (info["width"], info["height"]) == (256, 144)

@@ -1,4 +1,4 @@
-"""The temporal self-attention's kernel preference (bentosvd/temporal_attention.py): every
+"""The temporal self-attention's kernel preference (bentosvd/svd/accel/temporal_attention.py): every
 temporal self-attention layer of SVD's UNet gets it and nothing else does, SDPA then tries
 the memory-efficient kernel first, it survives compiling ahead of time, and where that
 kernel cannot run (this CPU) the output is what it was. Its speed is measured on a GPU
@@ -13,10 +13,11 @@ from diffusers.models.attention import TemporalBasicTransformerBlock
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch.nn.attention import SDPBackend
 
-from bentosvd.components import build_demo
-from bentosvd.pipeline import UNET_REGIONS, Speedups
-from bentosvd.saved_regions import SavedRegions
-from bentosvd.temporal_attention import (TemporalAttention, remove_efficient_temporal_attention,
+from bentosvd.weights.random_weights import build_demo
+from bentosvd.svd.compiled_blocks import UNET_REGIONS
+from bentosvd.svd.speedups import Speedups
+from bentosvd.svd.compiled_blocks import SavedRegions
+from bentosvd.svd.accel.temporal_attention import (TemporalAttention, remove_efficient_temporal_attention,
                                          use_efficient_temporal_attention)
 from tests.test_cross_attention import demo_video, unet_inputs
 

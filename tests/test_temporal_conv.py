@@ -1,4 +1,4 @@
-"""SVD's temporal convolutions as batched matrix products (bentosvd/temporal_conv.py): every
+"""SVD's temporal convolutions as batched matrix products (bentosvd/svd/accel/temporal_conv.py): every
 frames-only Conv3d of SVD's UNet and temporal decoder becomes a FrameConv and nothing else
 does, it computes what the Conv3d computes whatever the input's layout, the windows are
 read in place, it compiles ahead of time with the blocks, and the video stays the same.
@@ -12,11 +12,12 @@ import pytest
 import torch
 from diffusers import AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionModel
 
-from bentosvd.bench import psnr
-from bentosvd.components import build_demo
-from bentosvd.pipeline import UNET_REGIONS, Speedups
-from bentosvd.saved_regions import SavedRegions
-from bentosvd.temporal_conv import FrameConv, remove_frame_conv, use_frame_conv
+from benchmarks.bench import psnr
+from bentosvd.weights.random_weights import build_demo
+from bentosvd.svd.compiled_blocks import UNET_REGIONS
+from bentosvd.svd.speedups import Speedups
+from bentosvd.svd.compiled_blocks import SavedRegions
+from bentosvd.svd.accel.temporal_conv import FrameConv, remove_frame_conv, use_frame_conv
 from tests.test_cross_attention import demo_video, unet_inputs
 
 

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from bentosvd.video import probe_video
+from bentosvd.media.video import probe_video
 from tests.conftest import make_image
 
 GENERATION_MS = 90_000  # a demo generation takes ~3 s on a CPU; a slow shared CI machine more

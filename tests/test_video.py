@@ -1,4 +1,4 @@
-"""bentosvd.video: real encodes with PyAV, read back and decoded (WebP with Pillow)."""
+"""bentosvd.media.video: real encodes with PyAV, read back and decoded (WebP with Pillow)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageSequence
 
-from bentosvd import video
-from bentosvd.video import (
+from bentosvd.media import video
+from bentosvd.media.video import (
     FORMATS,
     MAX_INTERPOLATED_FPS,
     boomerang,

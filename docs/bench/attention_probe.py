@@ -21,7 +21,7 @@ kernel and the plain arithmetic compiled by Inductor.
 
 compiles the UNet's outermost transformer block ahead of time as the fast path does,
 with its temporal self-attention on cuDNN's kernel and on the memory-efficient one
-(`bentosvd.temporal_attention`), and times both; `step` does the same for a whole guided
+(`bentosvd.svd.accel.temporal_attention`), and times both; `step` does the same for a whole guided
 step compiled block by block.
 """
 
@@ -149,16 +149,16 @@ def main(out: str) -> None:
 def block(out: str) -> None:
     """The UNet's outermost transformer block (5 of them a step), compiled ahead of time as
     the fast path does (`SavedRegions`), with its temporal self-attention on cuDNN's kernel
-    and on the memory-efficient one (`bentosvd.temporal_attention`): milliseconds, the
+    and on the memory-efficient one (`bentosvd.svd.accel.temporal_attention`): milliseconds, the
     attention kernels that ran, how it was compiled, and the outputs' difference."""
     import tempfile
 
     from torch.profiler import ProfilerActivity, profile
 
-    from bentosvd.components import build_synthetic
-    from bentosvd.cross_attention import use_single_token_cross_attention
-    from bentosvd.saved_regions import SavedRegions
-    from bentosvd.temporal_attention import use_efficient_temporal_attention
+    from bentosvd.weights.random_weights import build_synthetic
+    from bentosvd.svd.accel.cross_attention import use_single_token_cross_attention
+    from bentosvd.svd.compiled_blocks import SavedRegions
+    from bentosvd.svd.accel.temporal_attention import use_efficient_temporal_attention
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from tuning_probe import step_inputs
@@ -208,10 +208,10 @@ def block(out: str) -> None:
 def step(out: str) -> None:
     """A whole guided UNet step compiled block by block (in-process), its temporal
     self-attention on cuDNN's kernel, then again on the memory-efficient one."""
-    from bentosvd.components import build_synthetic
-    from bentosvd.cross_attention import use_single_token_cross_attention
-    from bentosvd.pipeline import UNET_REGIONS, compile_regions
-    from bentosvd.temporal_attention import use_efficient_temporal_attention
+    from bentosvd.weights.random_weights import build_synthetic
+    from bentosvd.svd.accel.cross_attention import use_single_token_cross_attention
+    from bentosvd.svd.compiled_blocks import UNET_REGIONS, compile_regions
+    from bentosvd.svd.accel.temporal_attention import use_efficient_temporal_attention
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from tuning_probe import step_inputs

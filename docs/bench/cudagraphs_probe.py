@@ -1,5 +1,5 @@
 import time, torch
-from bentosvd.components import build_synthetic
+from bentosvd.weights.random_weights import build_synthetic
 unet = build_synthetic(25, device="cuda", dtype=torch.float16)["unet"]
 unet.compile(dynamic=False, mode="reduce-overhead")
 x = torch.randn(2, 25, 8, 72, 128, device="cuda", dtype=torch.half)

@@ -20,7 +20,7 @@ import time
 import torch
 from cuda_timing import timed_ms
 
-from bentosvd.components import build_synthetic
+from bentosvd.weights.random_weights import build_synthetic
 
 BATCHES = [1, 2, 3, 5]
 

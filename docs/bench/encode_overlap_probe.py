@@ -27,10 +27,11 @@ from dataclasses import replace
 
 import torch
 
-from bentosvd.components import build_demo, build_synthetic
-from bentosvd.engine import StreamingEncode
-from bentosvd.pipeline import HostCopy, Speedups, VideoGenerator, sync
-from bentosvd.video import encode_mp4
+from bentosvd.weights.random_weights import build_demo, build_synthetic
+from bentosvd.media.streaming_encode import StreamingEncode
+from bentosvd.svd.generator import HostCopy, VideoGenerator, sync
+from bentosvd.svd.speedups import Speedups
+from bentosvd.media.video import encode_mp4
 
 OUT = sys.argv[1] if len(sys.argv) > 1 else "encode_overlap.json"
 REPEATS = int(os.environ.get("REPEATS", 7))

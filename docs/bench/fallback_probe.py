@@ -34,10 +34,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bentosvd.bench import bench_generation, bench_image, psnr, undo
-from bentosvd.components import build_demo, build_synthetic
-from bentosvd.generation import GenerationSettings
-from bentosvd.pipeline import Speedups, VideoGenerator
+from benchmarks.bench import bench_generation, bench_image, psnr, undo
+from bentosvd.weights.random_weights import build_demo, build_synthetic
+from bentosvd.protocol import GenerationSettings
+from bentosvd.svd.generator import VideoGenerator
+from bentosvd.svd.speedups import Speedups
 
 VARIANTS = {
     "eager (no speedups)": Speedups(),

@@ -24,9 +24,10 @@ import time
 
 import torch
 
-from bentosvd.components import build_synthetic
-from bentosvd.cross_attention import use_single_token_cross_attention
-from bentosvd.pipeline import UNET_REGIONS, compile_regions, quantize_fp8
+from bentosvd.weights.random_weights import build_synthetic
+from bentosvd.svd.accel.cross_attention import use_single_token_cross_attention
+from bentosvd.svd.accel.fp8 import quantize_fp8
+from bentosvd.svd.compiled_blocks import UNET_REGIONS, compile_regions
 from kernels_probe import timed  # beside this file
 
 results: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}

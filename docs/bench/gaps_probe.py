@@ -30,10 +30,11 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile, schedule
 
-from bentosvd import saved_regions
-from bentosvd.bench import bench_generation, bench_image
-from bentosvd.components import build_synthetic
-from bentosvd.pipeline import Speedups, VideoGenerator
+from bentosvd.svd import compiled_blocks
+from benchmarks.bench import bench_generation, bench_image
+from bentosvd.weights.random_weights import build_synthetic
+from bentosvd.svd.generator import VideoGenerator
+from bentosvd.svd.speedups import Speedups
 
 GAP_US = 2.0
 
@@ -80,7 +81,7 @@ def gaps(trace: dict) -> dict:
 
 def main(path: str) -> None:
     parts = build_synthetic(25, "cuda")
-    cache = saved_regions.folder(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    cache = compiled_blocks.folder(os.environ["TORCHINDUCTOR_CACHE_DIR"])
     gen = VideoGenerator(parts, torch.device("cuda"), Speedups.fast(), cache)
     settings = bench_generation(25, 4, 1)
     image = bench_image(576, 1024)

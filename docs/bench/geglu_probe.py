@@ -335,8 +335,8 @@ def block(results: dict) -> None:
     """The outermost transformer block, compiled as the fast path compiles it."""
     from diffusers.models.transformers.transformer_temporal import TransformerSpatioTemporalModel
 
-    from bentosvd.cross_attention import use_single_token_cross_attention
-    from bentosvd.temporal_attention import use_efficient_temporal_attention
+    from bentosvd.svd.accel.cross_attention import use_single_token_cross_attention
+    from bentosvd.svd.accel.temporal_attention import use_efficient_temporal_attention
 
     torch.manual_seed(0)
     model = TransformerSpatioTemporalModel(5, 64, in_channels=320, num_layers=1,

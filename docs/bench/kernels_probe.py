@@ -24,9 +24,9 @@ import time
 import torch
 from cuda_timing import timed_ms
 
-from bentosvd.components import build_synthetic
-from bentosvd.cross_attention import use_single_token_cross_attention
-from bentosvd.pipeline import UNET_REGIONS, compile_regions
+from bentosvd.weights.random_weights import build_synthetic
+from bentosvd.svd.accel.cross_attention import use_single_token_cross_attention
+from bentosvd.svd.compiled_blocks import UNET_REGIONS, compile_regions
 
 results: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
 

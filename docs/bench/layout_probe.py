@@ -12,7 +12,7 @@ output the strides eager PyTorch would: contiguous NCHW (the transformer blocks 
 
 This compiles the UNet's blocks in the process (as `compile_regions` does; the decoder
 stays eager) twice on the full-size synthetic SVD-XT: as the fast path did before run q,
-then with `channels_last_blocks` (`bentosvd/layout.py`: each block's output made
+then with `channels_last_blocks` (`bentosvd/svd/accel/channels_last.py`: each block's output made
 channels-last inside its compiled code, so Inductor writes it that way to begin with, and
 the UNet's 2-D convolution weights channels-last, so that the eager layers between the
 blocks, conv_in and the up/down-sampling convolutions, hand on channels-last too; run q
@@ -21,7 +21,7 @@ the weights are a variant of their own: `channels_last_blocks` leaves them NCHW 
 samplers' convolutions return the layout of their input), the third variant makes them
 channels-last as run q did. ONLY=1,2 runs just those two (run u). For each: a
 guided step's time (the median of the 4 steps after the first of a 5-step generation),
-its kernels by kind (bentosvd.bench.profile_step), and that generation's video, compared
+its kernels by kind (benchmarks.bench.profile_step), and that generation's video, compared
 by its lowest per-frame PSNR.
 """
 
@@ -35,10 +35,11 @@ from pathlib import Path
 
 import torch
 
-from bentosvd.bench import bench_generation, bench_image, profile_step, psnr, undo
-from bentosvd.components import build_synthetic
-from bentosvd.layout import use_channels_last_weights
-from bentosvd.pipeline import Speedups, VideoGenerator
+from benchmarks.bench import bench_generation, bench_image, profile_step, psnr, undo
+from bentosvd.weights.random_weights import build_synthetic
+from bentosvd.svd.accel.channels_last import use_channels_last_weights
+from bentosvd.svd.generator import VideoGenerator
+from bentosvd.svd.speedups import Speedups
 
 NCHW = replace(Speedups.fast(), save_compiled=False, compile_vae=False, channels_last_blocks=False)
 # name -> (speedups, whether the UNet's 2-D convolution weights are made channels-last too)

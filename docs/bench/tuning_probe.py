@@ -8,7 +8,7 @@ One guided step (batch 2 x 25 frames, 576x1024, synthetic full-size SVD-XT, fp16
 single-token cross-attention) runs eagerly once, and a hook on each UNet block
 (`UNET_REGIONS`, what the fast path compiles one by one) keeps one block and its inputs per
 (class, configuration, input shapes), with how many of the step's blocks share them. Then,
-heaviest first, each such block is compiled the way `bentosvd.saved_regions` compiles it
+heaviest first, each such block is compiled the way `bentosvd.svd.compiled_blocks` compiles it
 (fullgraph, dynamic=False, Dynamo reset before each) under each of these Inductor option
 sets, and timed (CUDA events, median of 5):
 
@@ -40,10 +40,10 @@ import time
 import torch
 from cuda_timing import timed_ms as timed
 
-from bentosvd.components import build_demo, build_synthetic
-from bentosvd.cross_attention import use_single_token_cross_attention
-from bentosvd.pipeline import UNET_REGIONS
-from bentosvd.saved_regions import _describe, _hash, _structure
+from bentosvd.weights.random_weights import build_demo, build_synthetic
+from bentosvd.svd.accel.cross_attention import use_single_token_cross_attention
+from bentosvd.svd.compiled_blocks import UNET_REGIONS
+from bentosvd.svd.compiled_blocks import _describe, _hash, _structure
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from config import VARIANTS
+from bentosvd.config import VARIANTS
 from tests.conftest import ROOT, Server
 from tests.test_service import assert_video
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 import secrets
 
 from bentosvd.errors import InvalidParams
-from bentosvd.generation import GenerationSettings
-from bentosvd.video import FORMATS
-from config import MAX_INTERPOLATED_FPS, MAX_SEED, Params, Variant
+from bentosvd.protocol import GenerationSettings, OutputSpec
+from bentosvd.media.video import FORMATS
+from bentosvd.config import MAX_INTERPOLATED_FPS, MAX_SEED, Params, Variant
 
 
 def choose_format(params: Params, accept: str | None) -> str:
@@ -24,8 +24,9 @@ def choose_format(params: Params, accept: str | None) -> str:
     return "mp4"
 
 
-def plan_generation(params: Params, variant: Variant, fmt: str) -> tuple[GenerationSettings, dict]:
-    """(generation settings, output: format, fps, boomerang, interpolate_fps)."""
+def plan_generation(params: Params, variant: Variant,
+                    fmt: str) -> tuple[GenerationSettings, OutputSpec]:
+    """What the worker generates, and how it encodes the frames."""
     frames = params.num_frames or variant.num_frames
     low = variant.min_guidance_scale if params.min_guidance_scale is None else params.min_guidance_scale
     high = variant.max_guidance_scale if params.max_guidance_scale is None else params.max_guidance_scale
@@ -59,6 +60,6 @@ def plan_generation(params: Params, variant: Variant, fmt: str) -> tuple[Generat
         noise_aug_strength=params.cond_aug, decode_chunk_size=params.decoding_t,
         seed=secrets.randbelow(MAX_SEED + 1) if params.seed is None else params.seed,
     )
-    output = {"format": fmt, "fps": fps, "boomerang": params.boomerang,
-              "interpolate_fps": params.interpolate_fps}
+    output = OutputSpec(format=fmt, fps=fps, boomerang=params.boomerang,
+                        interpolate_fps=params.interpolate_fps)
     return job, output

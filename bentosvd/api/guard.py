@@ -23,18 +23,12 @@ from pydantic import BaseModel, ValidationError
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from bentosvd.errors import (InvalidParams, PayloadTooLarge, RequestError, UnsupportedMediaType,
-                             error_response)
+from bentosvd.errors import (InvalidParams, InvalidRequest, PayloadTooLarge, RequestError,
+                             UnsupportedMediaType, error_response)
 
 logger = logging.getLogger("bentoml.svd")
 
 EXAMPLE = "curl -F 'img=@image.png' -F 'params={\"seed\": 42}' http://HOST/generate"
-
-
-class InvalidRequest(RequestError):
-    """The request's form is wrong: a field missing, repeated or unknown, or bad multipart."""
-
-    status_code = 400
 
 
 class ClientGone(Exception):
@@ -114,7 +108,7 @@ class RequestGuard:
         except ClientGone:
             return
         except RequestError as e:
-            await _answer(send, e)
+            await error_response(e)(scope, _replay(b"", receive), send)
             return
         await self.app(scope, _replay(body, receive), send)
 
@@ -380,11 +374,3 @@ def _replay(body: bytes, receive):
         return await receive()
 
     return replay
-
-
-async def _answer(send, error: RequestError) -> None:
-    content = json.dumps(error.to_json()).encode()
-    await send({"type": "http.response.start", "status": error.status_code,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(content)).encode())]})
-    await send({"type": "http.response.body", "body": content})

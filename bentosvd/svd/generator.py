@@ -9,212 +9,27 @@ and frames handed back as uint8 straight from the device.
 from __future__ import annotations
 
 import contextlib
-import json
 import time
-import types
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-import diffusers
 import numpy as np
 import torch
-from diffusers import EulerDiscreteScheduler, StableVideoDiffusionPipeline, UNetSpatioTemporalConditionModel
+from diffusers import StableVideoDiffusionPipeline
 from diffusers.models.unets.unet_spatio_temporal_condition import UNetSpatioTemporalConditionOutput
 from PIL import Image
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
-from bentosvd.cross_attention import use_single_token_cross_attention
-from bentosvd.generation import GenerationSettings
-from bentosvd.layout import channels_last_output, use_channels_last_weights
-from bentosvd.saved_regions import SavedRegions
-from bentosvd.stepcache import StepCache
-from bentosvd.temporal_attention import use_efficient_temporal_attention
-from bentosvd.temporal_conv import use_frame_conv
-
-# Folders inside the variant's model directory; the image encoder has a model of its own.
-PIPELINE_PARTS = ("unet", "vae", "scheduler", "feature_extractor")
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        # CPUs have slow or missing half-precision kernels.
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return getattr(torch, dtype)
-
-
-def save_parts(parts: dict, pipeline_dir: Path, image_encoder_dir: Path, *, fp16_files: bool) -> None:
-    """Write the pipeline's parts in the diffusers layout the hub repos use:
-    `pipeline_dir/{unet,vae,scheduler,feature_extractor}` and the encoder in `image_encoder_dir`."""
-    variant = "fp16" if fp16_files else None
-    for name in ("unet", "vae"):
-        parts[name].save_pretrained(pipeline_dir / name, variant=variant)
-    parts["scheduler"].save_pretrained(pipeline_dir / "scheduler")
-    parts["feature_extractor"].save_pretrained(pipeline_dir / "feature_extractor")
-    # transformers names its files itself (model.safetensors); the dtype is in the weights.
-    parts["image_encoder"].save_pretrained(image_encoder_dir)
-
-
-def _weights_variant(folder: Path) -> str | None:
-    """`fp16` when the folder holds diffusers' `*.fp16.safetensors` files, else None."""
-    return "fp16" if any(folder.glob("*.fp16.safetensors")) else None
-
-
-def load_parts(pipeline_dir: Path, image_encoder_dir: Path, device: torch.device,
-               dtype: torch.dtype) -> dict:
-    """Load the parts saved by `save_parts` (or placed by the hub download) onto `device`.
-    Into CPU memory first, then copied: reading the files straight onto the GPU
-    (device_map) measured no faster (1.6-2.0 s against 1.4-1.5 s for SVD-XT, H100)."""
-    pipeline_dir, image_encoder_dir = Path(pipeline_dir), Path(image_encoder_dir)
-    # The vae is either SVD's temporal decoder or, for *_image_decoder, a frame-wise
-    # AutoencoderKL: its config names the class.
-    vae_class = json.loads((pipeline_dir / "vae" / "config.json").read_text())["_class_name"]
-    models = {
-        "unet": (UNetSpatioTemporalConditionModel, pipeline_dir / "unet"),
-        "vae": (getattr(diffusers, vae_class), pipeline_dir / "vae"),
-        "image_encoder": (CLIPVisionModelWithProjection, image_encoder_dir),
-    }
-    parts = {}
-    for name, (cls, folder) in models.items():
-        model = cls.from_pretrained(folder, variant=_weights_variant(folder), torch_dtype=dtype)
-        parts[name] = model.to(device).eval().requires_grad_(False)
-    parts["scheduler"] = EulerDiscreteScheduler.from_pretrained(pipeline_dir / "scheduler")
-    parts["feature_extractor"] = CLIPImageProcessor.from_pretrained(pipeline_dir / "feature_extractor")
-    return parts
-
-
-@dataclass(frozen=True)
-class Speedups:
-    """How the pipeline runs; none of these changes what it computes beyond float rounding.
-
-    single_token_cross_attention: SVD's cross-attention layers attend to one token (the
-        image embedding), so each returns that token's projected value for every query
-        (`bentosvd.cross_attention`); the query projection and the attention are skipped.
-    efficient_temporal_attention: the temporal self-attention (25-token sequences) on the
-        memory-efficient SDPA kernel, whose smaller tiles suit them better than cuDNN's
-        (`bentosvd.temporal_attention`); the spatial layers keep cuDNN's.
-    frame_conv: the UNet's and the VAE decoder's temporal convolutions (kernels over frames
-        only) computed as one batched matrix product each over windows of frames read in
-        place (`bentosvd.temporal_conv`), instead of cuDNN transposing each one's input
-        and output to and from channels-last around its 3-D convolution.
-    channels_last: convolutions in NHWC, the layout cuDNN's fp16 kernels want.
-    channels_last_blocks: with compile_regions, the activations stay channels-last between
-        the UNet's compiled blocks (each returns its output channels-last, and the eager
-        layers between them hand that layout on), instead of each block transposing its
-        NCHW input for its convolutions (`bentosvd.layout`). Blocks run eagerly (a shape
-        not warmed up) stay NCHW.
-    cudnn_attention: prefer cuDNN's fused attention (fastest on Hopper), then FlashAttention.
-    compile_unet / compile_vae: torch.compile of the UNet / of the VAE's decoder; the first
-        call per shape compiles (minutes cold, much less with a warm TORCHINDUCTOR_CACHE_DIR).
-        The eager decoder spends most of its time in GroupNorm statistics computed with
-        a few dozen GPU blocks per frame; compiled, a frame decodes 2.6x faster (H200).
-    compile_regions: with compile_unet, compile the UNet's repeated blocks one by one
-        (`UNET_REGIONS`) instead of the whole UNet as one graph: blocks of one class and
-        shape share their compiled code, so compiling, and tracing again after a restart,
-        take a fraction of the time.
-    save_compiled: with compile_regions and a cache_dir, each block (and, with compile_vae,
-        the decoder) is compiled ahead of time (torch.compile's aot_compile,
-        `bentosvd.saved_regions`) into a file in cache_dir that a restart loads in
-        milliseconds instead of tracing it again (not with cuda_graphs or fp8: those
-        compile in-process).
-    cuda_graphs: the compiled UNet replays each step as a CUDA graph (Inductor's
-        "reduce-overhead"), so the CPU no longer launches its kernels one by one; the
-        graphs belong to the thread that recorded them.
-    low_memory: keep each model on the GPU only while it runs and run the UNet's
-        feed-forward layers one frame at a time: slower, for GPUs with 8 GiB.
-    fp8: the UNet's attention and feed-forward matmuls in FP8 (torchao, dynamic scales;
-        NVIDIA compute capability 8.9+). Changes the output more than rounding
-        does: opt-in, its deviation is measured by the benchmark.
-    step_cache: N >= 2 runs the whole UNet every N-th step and only its outermost level in
-        between, on the deep features kept from the last whole step (`bentosvd.stepcache`).
-        Changes the output: opt-in, its deviation is measured by the benchmark. 0: off.
-    step_cache_layers: with step_cache, the steps between run only this many of the last
-        up block's layers (DeepCache's branch; 1-3 in SVD): faster, and the output changes
-        more. 0: all of them (the whole outermost level).
-    """
-
-    single_token_cross_attention: bool = False
-    efficient_temporal_attention: bool = False
-    frame_conv: bool = False
-    channels_last: bool = False
-    channels_last_blocks: bool = False
-    cudnn_attention: bool = False
-    compile_unet: bool = False
-    compile_regions: bool = False
-    save_compiled: bool = False
-    compile_vae: bool = False
-    low_memory: bool = False
-    fp8: bool = False
-    cuda_graphs: bool = False
-    step_cache: int = 0
-    step_cache_layers: int = 0
-
-    def __post_init__(self):
-        if self.step_cache == 1 or self.step_cache < 0:
-            raise ValueError(f"step_cache must be 0 (off) or 2 or more, got {self.step_cache}")
-        if self.step_cache_layers and not self.step_cache:
-            raise ValueError("step_cache_layers applies to step caching only: set step_cache too")
-        if self.step_cache and self.cuda_graphs:
-            raise ValueError("step_cache cannot be combined with cuda_graphs")
-
-    @classmethod
-    def fast(cls) -> Speedups:
-        # Measured on an H100 (docs/BENCHMARKS.md): channels_last + cuDNN attention made
-        # eager fp16 10% slower and gave a compiled UNet nothing (331 vs 332 TFLOP/s), so
-        # the default fast path is the compiled UNet alone. CUDA graphs gave it nothing
-        # (14.05 vs 14.06 s on an H200: launches are not its bottleneck). Compiled block by
-        # block, its steps took 0.4% longer than as one graph (H200), and saved block by
-        # block a restart loads them: both orientations warmed up in 14.5 s (H100) instead
-        # of 44.5 s as one graph, traced again. The compiled decoder takes a frame in 33 ms
-        # instead of 85 ms (H200, docs/bench/kernels_probe.py). The single-token
-        # cross-attention took the 25 steps from 12.10 to 11.05 s (H100). The memory-efficient
-        # kernel for the temporal self-attention took a step from 440.8 to 436.5 ms (H100).
-        # The temporal convolutions as batched products: the steps 10.77 s instead of
-        # 10.94 s, the decode 0.78 s instead of 0.89 s (H100). Channels-last between the
-        # blocks: a step 420.9 ms instead of 428.0 ms (H100, compiled in-process), the
-        # pipeline 11.11 s instead of 11.22 s (H200); with the convolution weights left
-        # NCHW, a step 402.2 instead of 405.7 ms (H200), and the eager fallback unslowed.
-        return cls(single_token_cross_attention=True, efficient_temporal_attention=True,
-                   frame_conv=True, channels_last_blocks=True, compile_unet=True,
-                   compile_regions=True, save_compiled=True, compile_vae=True)
-
-    @classmethod
-    def low_memory_mode(cls) -> Speedups:
-        # LOW_MEMORY: for GPUs of 8 GiB (see low_memory); the cross-attention shortcut only
-        # removes work and activations, so it comes along, as does the temporal attention's kernel.
-        return cls(low_memory=True, single_token_cross_attention=True, efficient_temporal_attention=True)
-
-
-# The UNet's repeated blocks, which do nearly all of its work.
-UNET_REGIONS = ("SpatioTemporalResBlock", "TransformerSpatioTemporalModel")
-
-
-def region_forward(block: torch.nn.Module, channels_last: bool) -> Callable:
-    """What is compiled for a block: its class's forward, with `channels_last` its output
-    made channels-last (`bentosvd.layout`)."""
-    own = type(block).forward
-    return channels_last_output(own) if channels_last else own
-
-
-def compile_regions(model: torch.nn.Module, class_names: tuple[str, ...], mode: str | None,
-                    channels_last: bool = False) -> None:
-    """torch.compile each block of these classes on its own (with `channels_last`, its
-    output made channels-last: `bentosvd.layout`). Dynamo keeps one compiled version per
-    (class, input shapes), shared by the blocks that match it; SVD's UNet needs a few
-    dozen of them for two image shapes, more than Dynamo's default limit of 8 per
-    function, after which it would silently run the rest eagerly."""
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 128)
-    for module in model.modules():
-        if type(module).__name__ in class_names:
-            module.forward = types.MethodType(region_forward(module, channels_last), module)
-            module.compile(dynamic=False, mode=mode)
+from bentosvd.protocol import GenerationSettings
+from bentosvd.svd.accel.channels_last import use_channels_last_weights
+from bentosvd.svd.accel.cross_attention import use_single_token_cross_attention
+from bentosvd.svd.accel.fp8 import quantize_fp8
+from bentosvd.svd.accel.temporal_attention import use_efficient_temporal_attention
+from bentosvd.svd.accel.temporal_conv import use_frame_conv
+from bentosvd.svd.compiled_blocks import UNET_REGIONS, SavedRegions, compile_regions, region_forward
+from bentosvd.svd.loading import load_parts, resolve_device, resolve_dtype
+from bentosvd.svd.speedups import Speedups
+from bentosvd.svd.stepcache import StepCache
 
 
 class VideoGenerator:
@@ -457,34 +272,6 @@ def sync(device: torch.device) -> None:
     """Wait for the device's queued work (a no-op on the CPU), so times are true."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def quantize_fp8(unet: torch.nn.Module, device: torch.device) -> None:
-    """FP8 weights and activations (dynamic per-row scales) for the linear layers of the
-    UNet's transformer blocks, where most of its matmul work is; convolutions stay fp16."""
-    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
-        raise ValueError("FP8 needs an NVIDIA GPU of compute capability 8.9 or newer "
-                         "(Ada, Hopper, Blackwell); turn FP8 off on this device")
-    try:
-        from torchao.quantization import (Float8DynamicActivationFloat8WeightConfig, PerRow,
-                                          PerTensor, quantize_)
-    except ImportError as e:
-        raise ValueError("FP8 needs torchao: pip install torchao==0.18.0") from e
-
-    def in_transformer(module: torch.nn.Module, name: str) -> bool:
-        return (isinstance(module, torch.nn.Linear) and "transformer_blocks" in name
-                and module.in_features % 16 == 0 and module.out_features % 16 == 0)
-
-    # torchao's per-row scales take bfloat16 weights only (an fp16 UNet failed with
-    # "PerRow quantization only works for bfloat16" on the H100): one scale per tensor there.
-    granularity = PerRow() if unet.dtype == torch.bfloat16 else PerTensor()
-    # set_inductor_config=False: by default torchao turns on Inductor's coordinate-descent
-    # tuning for the whole process, which benchmarks every kernel while compiling: the
-    # UNet's first level alone then took 209 s to compile instead of the whole UNet's ~100 s
-    # (H100, docs/bench/fp8_probe.py), fp16 graphs as much as FP8 ones.
-    config = Float8DynamicActivationFloat8WeightConfig(granularity=granularity,
-                                                       set_inductor_config=False)
-    quantize_(unet, config, filter_fn=in_transformer)
 
 
 def split_guidance_batch(unet: torch.nn.Module) -> None:

@@ -26,7 +26,7 @@ output is [batch * frames, out channels, height * width], the spatial layers' ow
 The windows that straddle two batch rows are computed and dropped (2 of 52 for SVD-XT's
 guidance batch of 2). A clip of one frame (the decoder at `decoding_t` 1) takes the
 middle tap alone, the only one that meets data. With the activations channels-last
-between the UNet's blocks (`bentosvd.layout`), the norm kernel writes that buffer from a
+between the UNet's blocks (`bentosvd.svd.accel.channels_last`), the norm kernel writes that buffer from a
 channels-last input, transposing inside the pass it makes anyway (run q measured the
 two together).
 

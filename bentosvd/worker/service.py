@@ -1,6 +1,6 @@
 """The GPU side of BentoSVD: `GenerationWorker`, one BentoML service per GPU.
 
-Each holds an `Engine` (bentosvd/engine.py: the SVD pipeline on its device, compiled before
+Each holds an `Engine` (bentosvd/worker/engine.py: the SVD pipeline on its device, compiled before
 `/readyz` turns 200, one generation at a time), streams its progress to the API service
 (`service.py`), stops a generation whose deadline passed or whose caller left, and encodes
 the video once the GPU is free for the next request.
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import logging
 import os
 import threading
@@ -21,8 +20,10 @@ from pathlib import Path
 import bentoml
 import numpy as np
 
-from config import get_settings
-from model_store import find_models
+from bentosvd.config import DEMO_WARNING, get_settings
+from bentosvd.metrics import in_flight
+from bentosvd.protocol import Done, Failed, GenerationSettings, Generated, OutputSpec, frame
+from bentosvd.weights.store import find_models
 
 # While the worker encodes one video (FFmpeg threads) it already generates the next. On a CPU
 # device, torch's OpenMP threads by default spin for a while after each parallel region and
@@ -42,27 +43,11 @@ if settings.low_memory:
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 variant = settings.variant
 variant_model, image_encoder_model = find_models(settings)
-NOISE_WARNING = "demo model: tiny random weights, the video is noise"
-
-in_flight = bentoml.metrics.Gauge(
-    name="svd_in_flight", documentation="Generations running on GPU workers",
-    multiprocess_mode="livesum")
-
-
-def event_line(**event) -> str:
-    """One event of a worker's stream: a line of JSON (the stream may arrive in any chunks)."""
-    return json.dumps(event) + "\n"
-
 
 class GenerationWorker:
     """Holds the SVD pipeline on one device and runs one generation at a time.
 
-    `generate` streams lines of JSON: {"event": "started"} once the GPU is its,
-    {"event": "step", "step": i, "total": n} after each denoising step, then either
-    {"event": "generated"} (the GPU is free again; the video is being encoded) and
-    {"event": "done", "video": <base64>, "timings": {...}}, or {"event": "error",
-    "kind": "timeout" | "gpu_oom", "message": ...}.
-    """
+    `generate` streams the events of `bentosvd.protocol`, one JSON line each."""
 
     index = 0  # which worker service this is (one per GPU); set by `worker_service`
     variant_model = bentoml.models.BentoModel(variant_model)
@@ -71,7 +56,7 @@ class GenerationWorker:
     def __init__(self) -> None:
         # Here, not at the top: only the worker process needs torch and diffusers.
         started = time.perf_counter()
-        from bentosvd.engine import Engine
+        from bentosvd.worker.engine import Engine
         logger.info("imported torch and diffusers in %.1f s", time.perf_counter() - started)
         time.sleep(settings.inject_load_delay)  # tests: a load slow enough to miss probes
 
@@ -81,14 +66,14 @@ class GenerationWorker:
             Path(self.image_encoder_model.path) / "image_encoder",
             index=self.index, busy_gauge=in_flight)
         if variant.name == "demo":
-            logger.warning(NOISE_WARNING)
+            logger.warning(DEMO_WARNING)
         self.cancels: dict[str, threading.Event] = {}  # request id -> set it to stop
 
     @bentoml.api
-    async def generate(self, request_id: str, image: np.ndarray, job: dict, output: dict,
-                       deadline: float) -> AsyncGenerator[str, None]:
-        """Frames for `job`, encoded as `output` says (see `encode_output`), with progress on
-        the way; stops once `deadline` (epoch seconds) passes, the caller goes away or
+    async def generate(self, request_id: str, image: np.ndarray, job: GenerationSettings,
+                       output: OutputSpec, deadline: float) -> AsyncGenerator[str, None]:
+        """Frames for `job`, encoded as `output` says, with progress on the way; stops
+        once `deadline` (epoch seconds) passes, the caller goes away or
         `cancel(request_id)` is called."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[str] = asyncio.Queue()
@@ -96,8 +81,8 @@ class GenerationWorker:
         encoder = self.engine.encoder(job, image, output)
         caller_gone = self.cancels[request_id] = threading.Event()
 
-        def report(**event) -> None:  # from the generation's thread
-            loop.call_soon_threadsafe(events.put_nowait, event_line(**event))
+        def report(event) -> None:  # from the generation's thread
+            loop.call_soon_threadsafe(events.put_nowait, frame(event))
 
         work = asyncio.ensure_future(asyncio.to_thread(
             self.engine.run, image, job, deadline, caller_gone, report, encoder.add,
@@ -111,17 +96,18 @@ class GenerationWorker:
                 else:
                     getter.cancel()
             result = work.result()
-            if "frames" in result:
-                del result["frames"]  # the encoder has had them chunk by chunk
-                # The GPU is free: the API may send the next request, whose generation then
-                # overlaps what is left of this encode.
-                yield event_line(event="generated")
-                started = time.perf_counter()
-                video = await asyncio.to_thread(encoder.result)
-                # What the request waited for after decoding; the rest overlapped it.
-                result["timings"]["video_encode"] = time.perf_counter() - started
-                result["video"] = base64.b64encode(video).decode()
-            yield event_line(**result)
+            if isinstance(result, Failed):
+                yield frame(result)
+                return
+            # The encoder has had the frames chunk by chunk, and the GPU is free: the API
+            # may send the next request, whose generation then overlaps this encode.
+            yield frame(Generated())
+            started = time.perf_counter()
+            video = await asyncio.to_thread(encoder.result)
+            # What the request waited for after decoding; the rest overlapped it.
+            timings = {**result.timings, "video_encode": time.perf_counter() - started}
+            yield frame(Done(video=base64.b64encode(video).decode(), timings=timings,
+                             gpu_peak_bytes=result.gpu_peak_bytes))
         finally:
             # Reached early when the caller closes the stream: stop at the next step.
             caller_gone.set()

@@ -1,7 +1,7 @@
 """Benchmark: vanilla diffusers vs. BentoSVD's pipeline vs. the real server, in one run.
 
-    python -m bentosvd.bench                       # GPU: full-size synthetic SVD-XT
-    python -m bentosvd.bench --model demo          # CPU: the demo model (what CI runs)
+    python -m benchmarks.bench                       # GPU: full-size synthetic SVD-XT
+    python -m benchmarks.bench --model demo          # CPU: the demo model (what CI runs)
 
 (a) vanilla `StableVideoDiffusionPipeline` as the blog called it; (b) the project's
 pipeline in each speed/memory mode, per phase, with peak memory, achieved TFLOP/s and
@@ -38,16 +38,17 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from bentosvd import saved_regions
-from bentosvd.components import build_demo, build_synthetic
-from bentosvd.cross_attention import remove_single_token_cross_attention
-from bentosvd.engine import StreamingEncode
-from bentosvd.generation import GenerationSettings
-from bentosvd.pipeline import Speedups, VideoGenerator, sync
-from bentosvd.temporal_attention import remove_efficient_temporal_attention
-from bentosvd.temporal_conv import remove_frame_conv
-from bentosvd.video import encode_mp4
-from config import Settings
+from bentosvd.svd import compiled_blocks
+from bentosvd.weights.random_weights import build_demo, build_synthetic
+from bentosvd.svd.accel.cross_attention import remove_single_token_cross_attention
+from bentosvd.media.streaming_encode import StreamingEncode
+from bentosvd.protocol import GenerationSettings
+from bentosvd.svd.generator import VideoGenerator, sync
+from bentosvd.svd.speedups import Speedups
+from bentosvd.svd.accel.temporal_attention import remove_efficient_temporal_attention
+from bentosvd.svd.accel.temporal_conv import remove_frame_conv
+from bentosvd.media.video import encode_mp4
+from bentosvd.config import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 # The pipeline modes the benchmark can time on a GPU (--modes), in the default order.
@@ -71,7 +72,7 @@ MODES = {
     "fast_whole": replace(Speedups.fast(), compile_regions=False),  # the UNet as one graph
     "fast_cudagraphs": replace(Speedups.fast(), compile_regions=False, cuda_graphs=True),
     "fp8_eager": Speedups(fp8=True),
-    # Step caching (bentosvd/stepcache.py): changes the output, its PSNR is the deviation.
+    # Step caching (bentosvd/svd/stepcache.py): changes the output, its PSNR is the deviation.
     "step_cache2": replace(Speedups.fast(), step_cache=2),
     "step_cache3": replace(Speedups.fast(), step_cache=3),
     # ... with the steps between running only the last 2 or 1 layers of the outermost level
@@ -295,7 +296,7 @@ def bench_pipeline(args, device, dtype, save=lambda r: None) -> dict:
                 mode_parts["unet"] = copy.deepcopy(parts["unet"])
             # Compiled blocks kept inside Inductor's cache, as the server keeps them.
             gen = VideoGenerator(mode_parts, device, speedups,
-                                 saved_regions.folder(os.environ["TORCHINDUCTOR_CACHE_DIR"]))
+                                 compiled_blocks.folder(os.environ["TORCHINDUCTOR_CACHE_DIR"]))
             r = measure(gen, image, settings, args.repeats)
         except Exception as e:  # one failing mode must not lose the others' numbers
             result["modes"][name] = {"error": repr(e)}

@@ -30,12 +30,15 @@ import importlib.metadata
 import logging
 import sys
 import time
+import types
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
 import diffusers
 import torch
+
+from bentosvd.svd.accel.channels_last import channels_last_output
 
 logger = logging.getLogger("bentoml.svd")
 
@@ -251,3 +254,28 @@ def folder(compile_cache_dir: str | Path) -> Path:
 
 def _qualname(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
+
+
+# The UNet's repeated blocks, which do nearly all of its work.
+UNET_REGIONS = ("SpatioTemporalResBlock", "TransformerSpatioTemporalModel")
+
+
+def region_forward(block: torch.nn.Module, channels_last: bool) -> Callable:
+    """What is compiled for a block: its class's forward, with `channels_last` its output
+    made channels-last (`bentosvd.svd.accel.channels_last`)."""
+    own = type(block).forward
+    return channels_last_output(own) if channels_last else own
+
+
+def compile_regions(model: torch.nn.Module, class_names: tuple[str, ...], mode: str | None,
+                    channels_last: bool = False) -> None:
+    """torch.compile each block of these classes on its own (with `channels_last`, its
+    output made channels-last: `bentosvd.svd.accel.channels_last`). Dynamo keeps one compiled version per
+    (class, input shapes), shared by the blocks that match it; SVD's UNet needs a few
+    dozen of them for two image shapes, more than Dynamo's default limit of 8 per
+    function, after which it would silently run the rest eagerly."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 128)
+    for module in model.modules():
+        if type(module).__name__ in class_names:
+            module.forward = types.MethodType(region_forward(module, channels_last), module)
+            module.compile(dynamic=False, mode=mode)

@@ -1,9 +1,9 @@
-"""The GPU side of a worker without BentoML: load the pipeline, warm it up, run one
-generation at a time with its stop checks and fault handling, encode the video.
+"""The GPU engine, without BentoML: load the pipeline, warm it up, run one generation at
+a time with its stop checks and fault handling.
 
-`worker.py` wraps an `Engine` in a BentoML service. It imports this module only inside the
-worker process: `bentoml serve` and the API service import worker.py too, and torch plus
-diffusers would add seconds to every start of theirs (a restart is timed to /readyz).
+`bentosvd/worker/service.py` wraps an `Engine` in a BentoML service and imports this module
+only inside the worker process: `bentoml serve` and the API service import that module too,
+and torch plus diffusers would add seconds to every start of theirs.
 """
 
 from __future__ import annotations
@@ -11,28 +11,39 @@ from __future__ import annotations
 import gc
 import logging
 import os
-import queue
 import threading
 import time
-from collections.abc import Iterator
-from concurrent.futures import Future
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from bentosvd import saved_regions
-from bentosvd.generation import GenerationSettings
-from bentosvd.pipeline import Speedups, VideoGenerator
-from bentosvd.video import (boomerang, boomerang_chunks, boomerang_length, encode_chunks,
-                            encode_video, interpolate)
+from bentosvd.media.streaming_encode import StreamingEncode
+from bentosvd.protocol import Failed, FailureKind, GenerationSettings, OutputSpec, Started, Step
+from bentosvd.svd import compiled_blocks
+from bentosvd.svd.generator import VideoGenerator
+from bentosvd.svd.loading import resolve_device
+from bentosvd.svd.speedups import Speedups
 
 logger = logging.getLogger("bentoml.svd")
 
 
 class Stopped(Exception):
     """Raised between denoising steps to stop a generation nobody is waiting for."""
+
+    def __init__(self, kind: FailureKind, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass
+class Frames:
+    """A finished generation: (F, H, W, 3) uint8 frames, seconds per phase, torch's peak."""
+
+    frames: np.ndarray
+    timings: dict[str, float]
+    gpu_peak_bytes: int | None
 
 
 def speedups_for(settings, device: str) -> Speedups:
@@ -53,89 +64,6 @@ def speedups_for(settings, device: str) -> Speedups:
                    step_cache_layers=settings.step_cache_layers)
 
 
-def pick_device(settings, index: int) -> str:
-    """Worker `index`'s device. BentoML gives each worker service a GPU of its own (it sets
-    CUDA_VISIBLE_DEVICES); with BENTOML_DISABLE_GPU_ALLOCATION each sees all and takes its own."""
-    if settings.device != "auto":
-        return settings.device
-    if not torch.cuda.is_available():
-        return "cpu"
-    return f"cuda:{index % torch.cuda.device_count()}"
-
-
-def encode_output(frames: np.ndarray, output: dict, *, crf: int, preset: str) -> bytes:
-    """Frames → the bytes of output["format"] at output["fps"], first interpolated to
-    output["interpolate_fps"] and played as a boomerang if asked."""
-    fps = output["fps"]
-    if output.get("interpolate_fps"):
-        frames, fps = interpolate(frames, fps, output["interpolate_fps"]), output["interpolate_fps"]
-    if output.get("boomerang"):
-        frames = boomerang(frames)
-    return encode_video(frames, fps, output["format"], crf=crf, preset=preset)
-
-
-class StreamingEncode:
-    """Encodes one video in a thread of its own while its frames are still being decoded.
-
-    `add` each chunk of (n, H, W, 3) uint8 frames as it reaches the host, in order; then
-    `result()` waits for the bytes, the same bytes `encode_output` makes of the whole clip.
-    A clip is encoded frame by frame as its chunks come (a boomerang's way back once the
-    last one is in), so by the time the last one is decoded little encoding is left;
-    interpolation needs the whole clip and starts once the last chunk is in.
-
-    `close()` abandons the video (the generation failed or nobody waits): the thread stops
-    when it next waits for frames, and its temporary file is removed. Call it instead of
-    `result()`, or after `result()` has returned (then it does nothing).
-    """
-
-    def __init__(self, shape: tuple[int, int, int, int], output: dict, *, crf: int, preset: str):
-        self._chunks: queue.SimpleQueue = queue.SimpleQueue()
-        self._video: Future[bytes | None] = Future()
-        # A daemon thread: one left waiting for frames never holds up the process's exit.
-        threading.Thread(target=self._run, args=(shape, output, crf, preset),
-                         name="video-encode", daemon=True).start()
-
-    def add(self, frames: np.ndarray) -> None:
-        self._chunks.put(frames)
-
-    def result(self) -> bytes:
-        self._chunks.put(None)
-        return self._video.result()
-
-    def close(self) -> None:
-        self._chunks.put(_ABANDONED)
-
-    def _received(self) -> Iterator[np.ndarray]:
-        while (chunk := self._chunks.get()) is not None:
-            if chunk is _ABANDONED:
-                raise _Abandoned
-            yield chunk
-
-    def _run(self, shape, output: dict, crf: int, preset: str) -> None:
-        try:
-            chunks = self._received()
-            if output.get("interpolate_fps"):
-                video = encode_output(np.concatenate(list(chunks)), output, crf=crf, preset=preset)
-            else:
-                if output.get("boomerang"):
-                    chunks = boomerang_chunks(chunks)
-                    shape = (boomerang_length(shape[0]), *shape[1:])
-                video = encode_chunks(chunks, shape, output["fps"], output["format"],
-                                      crf=crf, preset=preset)
-            self._video.set_result(video)
-        except _Abandoned:
-            self._video.set_result(None)
-        except BaseException as e:  # handed to whoever waits in result()
-            self._video.set_exception(e)
-
-
-class _Abandoned(Exception):
-    pass
-
-
-_ABANDONED = object()
-
-
 class Engine:
     """One SVD pipeline on one device. `run` is called from worker threads; a lock keeps
     it to one generation at a time (the pipeline is not thread-safe, and one GPU runs one
@@ -144,7 +72,7 @@ class Engine:
     def __init__(self, settings, variant, name: str, pipeline_dir: Path,
                  image_encoder_dir: Path, index: int = 0, busy_gauge=None):
         self.settings, self.variant = settings, variant
-        device = pick_device(settings, index)
+        device = str(resolve_device(settings.device, index))
         speedups = speedups_for(settings, device)
         self.on_gpu = device.startswith("cuda")
         if self.on_gpu:
@@ -157,7 +85,7 @@ class Engine:
         started = time.perf_counter()
         self.generator = VideoGenerator.load(pipeline_dir, image_encoder_dir, device=device,
                                              dtype=settings.dtype, speedups=speedups,
-                                             cache_dir=saved_regions.folder(settings.compile_cache_dir))
+                                             cache_dir=compiled_blocks.folder(settings.compile_cache_dir))
         logger.info("loaded %s (%s) on %s in %.1f s with %s", name, variant.description, device,
                     time.perf_counter() - started, speedups)
         if speedups.compile_unet:
@@ -188,50 +116,50 @@ class Engine:
     def alive(self) -> bool:
         return self.faults_in_a_row < self.settings.max_faults_in_a_row
 
-    def run(self, image: np.ndarray, job: dict, deadline: float,
-            caller_gone: threading.Event, report, on_frames=None, request_id: str = "") -> dict:
-        """Generate the frames of `job` (`GenerationSettings`' fields). `report(**event)` gets {"event": "started"} once the GPU
-        is this request's and {"event": "step", ...} after each step; `on_frames(chunk)`
-        gets the decoded frames chunk by chunk (`VideoGenerator.generate`). Returns
-        {"event": "done", "frames", "timings", "gpu_peak_bytes"} or an error event
-        {"event": "error", "kind": "timeout" | "gpu_oom", "message"}."""
+    def run(self, image: np.ndarray, job: GenerationSettings, deadline: float,
+            caller_gone: threading.Event, report, on_frames=None,
+            request_id: str = "") -> Frames | Failed:
+        """Generate the frames of `job`. `report(event)` gets `Started` once the GPU is
+        this request's and `Step` after each step; `on_frames(chunk)` gets the decoded
+        frames chunk by chunk (`VideoGenerator.generate`). Stops at the next step once
+        `caller_gone` is set or `deadline` (epoch seconds) passes."""
         def check(step: int = 0, total: int = 0) -> None:
             if caller_gone.is_set():
-                raise Stopped(f"the caller disconnected (step {step}/{total})")
+                raise Stopped(FailureKind.CANCELLED,
+                              f"the caller left or cancelled (step {step}/{total})")
             if time.time() > deadline:
-                raise Stopped(f"the deadline passed (step {step}/{total})")
+                raise Stopped(FailureKind.TIMEOUT, f"the deadline passed (step {step}/{total})")
             if self.injected_faults:  # tests: a fault in the middle of a generation
                 if self.injected_faults.pop(0) == "gpu_oom":
                     raise torch.cuda.OutOfMemoryError("injected CUDA out of memory")
                 raise RuntimeError("injected unexpected error")
             if step:
-                report(event="step", step=step, total=total)
+                report(Step(step=step, total=total))
 
         arrived = time.perf_counter()
         with self.lock:
             timings = {"gpu_wait": time.perf_counter() - arrived}
             try:
                 check()  # the caller may have left while this request waited for the GPU
-                report(event="started")
+                report(Started())
                 if self.busy_gauge is not None:
                     self.busy_gauge.inc()
                 if self.on_gpu:
                     torch.cuda.reset_peak_memory_stats(self.generator.device)
                 try:
-                    frames = self.generator.generate(image, GenerationSettings(**job),
-                                                     on_step=check, timings=timings,
+                    frames = self.generator.generate(image, job, on_step=check, timings=timings,
                                                      on_frames=on_frames)
                 finally:
                     if self.busy_gauge is not None:
                         self.busy_gauge.dec()
             except Stopped as e:
                 logger.info("generation stopped: %s", e)
-                return {"event": "error", "kind": "timeout", "message": f"generation stopped: {e}"}
+                return Failed(kind=e.kind, message=f"generation stopped: {e}")
             except torch.cuda.OutOfMemoryError as e:
                 self.faults_in_a_row += 1
                 self._free_gpu_memory()
                 logger.error("GPU out of memory (%d in a row): %s", self.faults_in_a_row, e)
-                return {"event": "error", "kind": "gpu_oom", "message": str(e)[:500]}
+                return Failed(kind=FailureKind.GPU_OOM, message=str(e)[:500])
             except Exception as e:
                 # A bug, not a passing condition: the caller gets a 500 (trying again would
                 # fail the same way) and the traceback stays in the log.
@@ -239,15 +167,15 @@ class Engine:
                 self._free_gpu_memory()
                 logger.exception("generation of %s failed (%d faults in a row)", request_id,
                                  self.faults_in_a_row)
-                return {"event": "error", "kind": "internal",
-                        "message": f"{type(e).__name__}: {str(e)[:200]}"}
+                return Failed(kind=FailureKind.INTERNAL, message=f"{type(e).__name__}: {str(e)[:200]}")
         self.faults_in_a_row = 0
         peak = torch.cuda.max_memory_allocated(self.generator.device) if self.on_gpu else None
-        return {"event": "done", "frames": frames, "timings": timings, "gpu_peak_bytes": peak}
+        return Frames(frames=frames, timings=timings, gpu_peak_bytes=peak)
 
-    def encoder(self, job: dict, image: np.ndarray, output: dict) -> StreamingEncode:
+    def encoder(self, job: GenerationSettings, image: np.ndarray,
+                output: OutputSpec) -> StreamingEncode:
         """A video encode for `job`'s frames, to be fed by `run`'s on_frames."""
-        shape = (job["num_frames"], *image.shape[:2], 3)
+        shape = (job.num_frames, *image.shape[:2], 3)
         return StreamingEncode(shape, output, crf=self.settings.video_crf,
                                preset=self.settings.video_preset)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import bentoml
 from bentoml.exceptions import NotFound
 
-from config import SYNTHETIC_SUFFIX, Settings, Variant
+from bentosvd.config import SYNTHETIC_SUFFIX, Settings, Variant
 
 
 class MissingModel(RuntimeError):

@@ -1,7 +1,7 @@
 """Command-line client for a BentoSVD server: one image (`generate`) or a folder (`batch`).
 
-    python -m bentosvd.cli generate cat.png --seed 42
-    python -m bentosvd.cli batch photos/ videos/ --concurrency 2
+    python -m bentosvd.client.cli generate cat.png --seed 42
+    python -m bentosvd.client.cli batch photos/ videos/ --concurrency 2
 
 It speaks the HTTP contract of README.md with httpx and imports no BentoML. The parameter
 flags (`--fps-id`, `--seed`, ...) are made from `config.Params`, so a field added there
@@ -30,7 +30,7 @@ from pathlib import Path
 import httpx
 from pydantic import BaseModel
 
-from config import Params
+from bentosvd.config import Params
 
 DEFAULT_URL = "http://localhost:3000"
 IMAGE_SUFFIXES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg",
@@ -461,7 +461,7 @@ def params_from(args: argparse.Namespace, model: type[BaseModel] = Params) -> di
 
 def build_parser(model: type[BaseModel] = Params) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m bentosvd.cli",
+        prog="python -m bentosvd.client.cli",
         description="Turn images into videos with a BentoSVD server.")
     commands = parser.add_subparsers(dest="command", required=True)
 

@@ -17,6 +17,8 @@ import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from bentosvd.errors import ServiceError
+
 FINISHED = ("succeeded", "failed", "cancelled")
 
 
@@ -32,10 +34,9 @@ class Job:
     finished_at: float | None = None
     video: bytes | None = None
     media_type: str | None = None
-    error: dict | None = None  # the JSON body the client gets
-    error_status: int | None = None  # and its HTTP status
-    retry_after: int | None = None
+    error: ServiceError | None = None  # the answer the client gets
     timings: dict = field(default_factory=dict)
+    work: object | None = None  # what the GPU worker is to do, until it has been sent
     ticket: object | None = None  # the dispatcher's Ticket while waiting / running
     task: asyncio.Task | None = None  # the generation, for async jobs
 
@@ -47,19 +48,19 @@ class Job:
         self.video, self.media_type = video, media_type
         self._finish("succeeded")
 
-    def fail(self, status: int, body: dict, retry_after: int | None = None) -> None:
-        self.error_status, self.error, self.retry_after = status, body, retry_after
-        self._finish("cancelled" if status == 499 else "failed")
+    def fail(self, error: ServiceError) -> None:
+        self.error = error
+        self._finish("cancelled" if error.status_code == 499 else "failed")
 
     def _finish(self, status: str) -> None:
-        self.status, self.finished_at, self.ticket = status, time.time(), None
+        self.status, self.finished_at, self.ticket, self.work = status, time.time(), None, None
 
     def to_json(self) -> dict:
         position = getattr(self.ticket, "position", None) if self.status == "queued" else None
         return {
             "id": self.id, "status": self.status, "queue_position": position,
             "step": self.step, "total_steps": self.total_steps, "seed": self.seed,
-            "format": self.format, "error": self.error,
+            "format": self.format, "error": self.error and self.error.to_json(),
             "created_at": self.created_at, "finished_at": self.finished_at,
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
             "status_url": f"/jobs/{self.id}", "result_url": f"/jobs/{self.id}/result",

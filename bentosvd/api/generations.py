@@ -1,0 +1,199 @@
+"""A generation request on the API side, from admission to the answer.
+
+`admit` checks and sizes the upload and plans the generation (4xx otherwise), and takes a
+place in the queue (429 past MAX_QUEUE); `run` waits there for a GPU worker, streams the
+generation from it and leaves the outcome in the `Job`; `answer` turns the job into the
+HTTP answer: the video with its headers, or the JSON error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from starlette.responses import Response
+
+from bentosvd import metrics
+from bentosvd.api.dispatch import Dispatcher, Full, RecentDuration
+from bentosvd.api.jobs import Job, JobStore
+from bentosvd.api.planning import choose_format, plan_generation
+from bentosvd.api.worker_client import GenerationFailed, WorkerClient
+from bentosvd.config import DEMO_WARNING, Params, Settings, Variant
+from bentosvd.errors import PayloadTooLarge, ServiceError, error_response
+from bentosvd.media.images import decode_upload
+from bentosvd.media.video import FORMATS
+from bentosvd.protocol import GenerationSettings, Generated, OutputSpec, Started, Step
+
+logger = logging.getLogger("bentoml.svd")
+
+@dataclass
+class Work:
+    """What an admitted job's GPU worker is to do."""
+
+    image: np.ndarray
+    job: GenerationSettings
+    output: OutputSpec
+    params: Params
+    deadline: float  # epoch seconds
+
+
+class Generations:
+    """The API service's generations: the queue for the GPU workers, the async jobs and the
+    calls to the workers (`workers[i]`: BentoML's handle of GPU worker i)."""
+
+    def __init__(self, settings: Settings, variant: Variant, workers: list):
+        self.settings, self.variant = settings, variant
+        self.dispatcher = Dispatcher(settings.gpu_workers, settings.max_queue,
+                                     on_change=metrics.queue_depth.set)
+        self.recent = RecentDuration()
+        self.jobs = JobStore(ttl=settings.job_ttl, max_finished=settings.max_finished_jobs)
+        self.client = WorkerClient(workers, timeout=settings.timeout, retry_after=self.retry_after)
+        self.silent_since: dict[int, float] = {}  # worker -> when it first left /livez unanswered
+
+    async def generate(self, request, img: Path, params: Params) -> Response:
+        """Admit, run and answer one request; a client that leaves cancels its generation."""
+        try:
+            job = await self.admit(request, img, params)
+        except ServiceError as e:
+            return error_response(e)
+        task = asyncio.ensure_future(self.run(job))
+        while not task.done():
+            await asyncio.wait({task}, timeout=0.5)
+            if not task.done() and await request.is_disconnected():
+                task.cancel()  # the worker is told to stop at its next step
+                await asyncio.wait({task})
+                logger.info("the client disconnected; its generation was cancelled")
+        return self.answer(job)
+
+    async def submit(self, request, img: Path, params: Params) -> Job:
+        """Admit a request as an async job that runs on while its id is answered."""
+        job = await self.admit(request, img, params)
+        self.jobs.add(job)
+        job.task = asyncio.create_task(self.run(job))
+        return job
+
+    async def admit(self, request, img: Path, params: Params) -> Job:
+        """Check and size the upload and take a place in the queue, or raise the 4xx."""
+        image = await asyncio.to_thread(self._read_image, img, params)
+        fmt = choose_format(params, request.headers.get("accept"))
+        job_settings, output = plan_generation(params, self.variant, fmt)
+        try:
+            ticket = self.dispatcher.enter()
+        except Full as e:
+            metrics.rejected.inc()
+            raise ServiceError(f"{e}; try again later", status=429,
+                               retry_after=self.retry_after()) from None
+        deadline = time.time() + self.settings.timeout - 1  # ours fires before BentoML's own
+        return Job(seed=job_settings.seed, format=fmt, total_steps=job_settings.num_inference_steps,
+                   ticket=ticket, work=Work(image, job_settings, output, params, deadline))
+
+    async def run(self, job: Job) -> None:
+        """Wait for a worker, generate, and leave the outcome in `job`."""
+        ticket, work, started = job.ticket, job.work, time.monotonic()
+
+        def on_event(event) -> None:
+            if isinstance(event, Started):
+                job.status = "running"
+            elif isinstance(event, Step):
+                job.step = event.step
+            elif isinstance(event, Generated):  # the worker's GPU is free while it encodes
+                ticket.leave()
+
+        try:
+            index = await ticket.wait()
+            job.timings["queue_wait"] = time.monotonic() - started
+            metrics.queue_wait_seconds.observe(job.timings["queue_wait"])
+            done = await self.client.generate(
+                index, request_id=job.id, image=work.image, job=work.job, output=work.output,
+                deadline=work.deadline, on_event=on_event)
+        except asyncio.CancelledError:
+            job.fail(GenerationFailed("the generation was cancelled", status=499,
+                                      request_id=job.id))
+            raise
+        except GenerationFailed as e:
+            job.fail(e)
+        else:
+            self.recent.record(time.monotonic() - started)
+            job.timings.update(done.timings)
+            job.succeed(base64.b64decode(done.video), FORMATS[job.format].media_type)
+            self._observe(index, job, work.params, done.gpu_peak_bytes)
+        finally:
+            ticket.leave()
+
+    def answer(self, job: Job) -> Response:
+        """The finished job as the HTTP answer: the video, or the error."""
+        if job.status != "succeeded":
+            return error_response(job.error)
+        fmt = FORMATS[job.format]
+        headers = {"X-Seed": str(job.seed), "X-Model": self.variant.name, "X-Request-Id": job.id,
+                   "Server-Timing": server_timing(job.timings),
+                   "Content-Disposition": f'inline; filename="generated_video{fmt.extension}"'}
+        if self.variant.name == "demo":
+            headers["X-Model-Warning"] = DEMO_WARNING
+        return Response(job.video, media_type=fmt.media_type, headers=headers)
+
+    async def alive(self) -> bool:
+        """For /livez: every worker is alive."""
+        alive = await asyncio.gather(*(self._alive(i) for i in range(self.settings.gpu_workers)))
+        return all(alive)
+
+    async def _alive(self, index: int) -> bool:
+        """Worker `index` is alive unless it says it is not (faults in a row) or has not
+        answered for WORKER_SILENT_LIMIT seconds. A worker loading its model (at start, or
+        restarted after a crash) holds its event loop and answers nothing until it is done,
+        minutes with a cold compile: that is not dead, and /livez does not wait for it."""
+        try:
+            health = await self.client.health(index)
+        except Exception as e:
+            silent_since = self.silent_since.setdefault(index, time.monotonic())
+            silent = time.monotonic() - silent_since
+            if silent > self.settings.worker_silent_limit:
+                logger.error("GPU worker %d has not answered for %.0f s (%r): not alive",
+                             index, silent, e)
+                return False
+            return True
+        self.silent_since.pop(index, None)
+        return health["alive"]
+
+    def retry_after(self) -> int:
+        return self.recent.retry_after(self.dispatcher.running + self.dispatcher.waiting,
+                                       self.settings.gpu_workers)
+
+    @staticmethod
+    def _observe(index: int, job: Job, params: Params, peak_bytes: int | None) -> None:
+        for phase, seconds in job.timings.items():
+            if phase != "queue_wait":
+                metrics.phase_seconds.labels(phase=phase).observe(seconds)
+        if peak_bytes is not None:
+            metrics.gpu_peak_bytes.labels(worker=str(index)).set(peak_bytes)
+        logger.info("generated %s", json.dumps({
+            "request_id": job.id, "worker": index, "params": params.model_dump(),
+            "seed": job.seed, "format": job.format,
+            "seconds": {k: round(v, 3) for k, v in job.timings.items()},
+            "gpu_peak_bytes": peak_bytes}))
+
+    def _read_image(self, img: Path, params: Params) -> np.ndarray:
+        limits = self.settings
+        try:
+            size = img.stat().st_size
+            if size > limits.max_upload_bytes:
+                raise PayloadTooLarge(
+                    f"the image is {size} bytes; the limit is {limits.max_upload_bytes}",
+                    field="img", fix="send a smaller image (it is resized to the model's size anyway)")
+            return decode_upload(
+                img, (self.variant.width, self.variant.height), sizing=params.sizing,
+                orientation=params.orientation, max_pixels=limits.max_image_pixels,
+                max_aspect=limits.max_aspect_ratio, min_side=limits.min_image_side)
+        finally:
+            img.unlink(missing_ok=True)  # users' images do not stay on the server's disk
+
+
+def server_timing(timings: dict) -> str:
+    """The phases as an HTTP Server-Timing header (durations in milliseconds)."""
+    return ", ".join(f"{phase};dur={seconds * 1000:.1f}" for phase, seconds in timings.items())

@@ -1,0 +1,100 @@
+"""The API side of the process boundary: one generation streamed from a GPU worker.
+
+`WorkerClient.generate` sends the request of `bentosvd.protocol`, hands each progress event
+to the caller and returns the `Done` event, or raises `GenerationFailed` with the answer the
+client gets. Cancelling the call tells the worker to stop at its next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import aiohttp
+import numpy as np
+
+from bentosvd.api.dispatch import Lines
+from bentosvd.errors import ServiceError
+from bentosvd.protocol import (Done, Failed, FailureKind, GenerationSettings, OutputSpec,
+                               parse_event)
+
+logger = logging.getLogger("bentoml.svd")
+
+HEALTH_TIMEOUT = 5  # seconds /livez waits for a worker's health before taking it as loading
+
+
+class GenerationFailed(ServiceError):
+    """A generation ended without a video; its status says whether to try again."""
+
+
+class WorkerClient:
+    """Calls the GPU worker services (`workers[i]`: BentoML's handle of worker i).
+    `retry_after()` says how long a client should wait before trying again."""
+
+    def __init__(self, workers: list, *, timeout: int, retry_after: Callable[[], int]):
+        self.workers, self.timeout, self.retry_after = workers, timeout, retry_after
+
+    async def generate(self, index: int, *, request_id: str, image: np.ndarray,
+                       job: GenerationSettings, output: OutputSpec, deadline: float,
+                       on_event: Callable = lambda event: None) -> Done:
+        for attempt in (1, 2):
+            received = False
+            stream = self.workers[index].to_async.generate(
+                request_id=request_id, image=image, job=job, output=output, deadline=deadline)
+            try:
+                lines = Lines()
+                async for chunk in stream:
+                    received = True
+                    for line in lines.feed(chunk):
+                        event = parse_event(line)
+                        if isinstance(event, Done):
+                            return event
+                        if isinstance(event, Failed):
+                            raise self._failure(event, request_id)
+                        on_event(event)
+            except asyncio.CancelledError:
+                # The client left (or its job was cancelled): tell the worker to stop.
+                asyncio.ensure_future(self.cancel(index, request_id))
+                raise
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+                if received or attempt == 2:
+                    raise self._gone(request_id) from None
+                # The worker closes idle connections after 5 s while the client pool keeps
+                # them for 15 s (BentoML issue #4971); the request never reached the worker,
+                # so sending it once more is safe.
+                logger.info("worker connection was stale; retrying once")
+                continue
+            finally:
+                await stream.aclose()
+            raise self._gone(request_id)
+
+    async def cancel(self, index: int, request_id: str) -> None:
+        try:
+            await self.workers[index].to_async.cancel(request_id=request_id)
+        except Exception as e:  # the worker still stops at the deadline
+            logger.warning("could not cancel %s on worker %d: %r", request_id, index, e)
+
+    async def health(self, index: int) -> dict:
+        return await asyncio.wait_for(self.workers[index].to_async.health(), HEALTH_TIMEOUT)
+
+    def _gone(self, request_id: str) -> GenerationFailed:
+        return GenerationFailed("the GPU worker went away during the generation (it is being "
+                                "restarted); try again", status=503, request_id=request_id,
+                                retry_after=self.retry_after())
+
+    def _failure(self, event: Failed, request_id: str) -> GenerationFailed:
+        if event.kind is FailureKind.TIMEOUT:
+            return GenerationFailed(f"the video was not ready within {self.timeout} s; its "
+                                    "generation was stopped", status=504, request_id=request_id)
+        if event.kind is FailureKind.CANCELLED:
+            return GenerationFailed("the generation was cancelled", status=499,
+                                    request_id=request_id)
+        if event.kind is FailureKind.GPU_OOM:
+            return GenerationFailed("the GPU ran out of memory on this request; its memory was "
+                                    "freed, try again", status=503, request_id=request_id,
+                                    retry_after=self.retry_after())
+        # A bug: the same request would fail again, so no Retry-After.
+        return GenerationFailed(f"the GPU worker failed on request {request_id} "
+                                f"({event.message}); the server log has the details",
+                                status=500, request_id=request_id)

@@ -1,0 +1,274 @@
+"""Every setting, limit and default of BentoSVD, in one place.
+
+`Settings` is read from the environment (upper-case names, e.g. `MODEL_VERSION=svd_xt`);
+`VARIANTS` holds each model variant's reference defaults; `Params` is the request schema
+of `POST /generate`, whose bounds the service, the docs and the tests all read from here.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+VariantName = Literal["svd", "svd_xt", "svd_image_decoder", "svd_xt_image_decoder", "svd_xt_1_1", "demo"]
+
+# Seeds stay within JavaScript's safe integers so a seed shown in a browser or JSON
+# client round-trips exactly.
+MAX_SEED = 2**53 - 1
+MAX_FRAMES = 25  # the largest variant's (SVD-XT); each model allows up to its own count
+MAX_STEPS = 50
+MAX_GUIDANCE = 10.0
+MAX_INTERPOLATED_FPS = 60
+
+
+class Variant(BaseModel):
+    """A model variant and the defaults of Stability's reference scripts for it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    store_name: str  # name of the variant's model in the BentoML model store
+    image_encoder_name: str  # name of the image encoder's model in the store
+    num_frames: int
+    num_inference_steps: int
+    min_guidance_scale: float
+    max_guidance_scale: float
+    width: int  # landscape size; portrait images get (height, width)
+    height: int
+    frame_decoder: Literal["temporal", "image"]
+    description: str
+
+
+_SVD = dict(num_frames=14, num_inference_steps=25, min_guidance_scale=1.0, max_guidance_scale=2.5)
+_SVD_XT = dict(num_frames=25, num_inference_steps=30, min_guidance_scale=1.5, max_guidance_scale=3.0)
+_REAL = dict(width=1024, height=576, image_encoder_name="clip-vit-h-14-laion")
+
+VARIANTS: dict[str, Variant] = {
+    v.name: v
+    for v in [
+        Variant(name="svd", store_name="svd", frame_decoder="temporal", **_SVD, **_REAL,
+                description="SVD, 14 frames, temporal VAE decoder"),
+        Variant(name="svd_image_decoder", store_name="svd_image_decoder", frame_decoder="image",
+                **_SVD, **_REAL, description="SVD, 14 frames, frame-wise VAE decoder"),
+        Variant(name="svd_xt", store_name="svd_xt", frame_decoder="temporal", **_SVD_XT, **_REAL,
+                description="SVD-XT, 25 frames, temporal VAE decoder"),
+        Variant(name="svd_xt_image_decoder", store_name="svd_xt_image_decoder",
+                frame_decoder="image", **_SVD_XT, **_REAL,
+                description="SVD-XT, 25 frames, frame-wise VAE decoder"),
+        Variant(name="svd_xt_1_1", store_name="svd_xt_1_1", frame_decoder="temporal", **_SVD_XT,
+                **_REAL, description="SVD-XT 1.1, 25 frames; fine-tuned at fps_id 6, motion 127"),
+        # Tiny random weights built in code: runs anywhere in seconds, makes noise.
+        Variant(name="demo", store_name="svd_demo", image_encoder_name="clip-demo",
+                frame_decoder="temporal", num_frames=8, num_inference_steps=8,
+                min_guidance_scale=1.0, max_guidance_scale=2.5, width=256, height=144,
+                description="demo: tiny random weights, output is noise"),
+    ]
+}
+
+DEMO_WARNING = "demo model: tiny random weights, the video is noise"
+SYNTHETIC_SUFFIX = "-synthetic"  # store names of full-size random-weight models (benchmarks)
+
+
+class Settings(BaseSettings):
+    """Server settings, overridable by environment variables of the same name in upper case."""
+
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+
+    model_version: VariantName = Field("svd", description="Which SVD variant to serve.")
+    model_tag: str | None = Field(
+        None,
+        description="Serve this model-store tag instead of `<variant>:latest` "
+        "(e.g. `svd_xt-synthetic:latest` for benchmarks).",
+    )
+    device: str = Field("auto", description="`auto` (CUDA if present, else CPU), `cuda`, `cpu`.")
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
+        "auto", description="`auto`: float16 on CUDA, float32 on CPU."
+    )
+    timeout: int = Field(300, ge=1, description="Seconds a request may take end to end.")
+    max_upload_bytes: int = Field(20 * 2**20, ge=1, description="Largest accepted upload.")
+    max_params_bytes: int = Field(
+        16 * 2**10, ge=256, description="Largest accepted `params` form field, in bytes.")
+    max_params_depth: int = Field(
+        4, ge=1, description="Deepest nesting of arrays and objects accepted in `params`.")
+    max_number_digits: int = Field(
+        32, ge=17, description="Most digits accepted in one number in `params`.")
+    max_image_pixels: int = Field(
+        50_000_000, ge=1, description="Largest accepted image, in pixels (decompression bombs)."
+    )
+    max_aspect_ratio: float = Field(10.0, ge=1.0, description="Longest over shortest side.")
+    min_image_side: int = Field(16, ge=1, description="Smallest accepted image side, in pixels.")
+    video_crf: int = Field(17, ge=0, le=51, description="H.264 quality (0 best, 51 worst).")
+    video_preset: Literal["ultrafast", "superfast", "veryfast", "faster", "fast", "medium",
+                          "slow", "slower", "veryslow"] = Field(
+        "veryfast", description="libx264 speed preset for MP4: veryfast encodes 25 frames of "
+        "1024x576 about 1.7x faster than medium at the same size and 0.5 dB less PSNR.",
+    )
+    gpu_workers: int = Field(1, ge=1, description="GPU worker processes (one per GPU).")
+    max_queue: int = Field(
+        4, ge=0, description="Requests that may wait for a GPU beyond those running; past it, 429."
+    )
+    job_ttl: int = Field(
+        3600, ge=1, description="Seconds a finished async job (and its video) is kept for "
+        "GET /jobs/<id>/result; kept in memory, lost on restart.",
+    )
+    max_finished_jobs: int = Field(
+        64, ge=1, description="Finished async jobs kept at most; the oldest are forgotten first.",
+    )
+    max_faults_in_a_row: int = Field(
+        3, ge=1, description="Failed generations in a row (GPU out of memory or an unexpected "
+        "error in the worker) after which /livez fails."
+    )
+    worker_silent_limit: float = Field(
+        900, gt=0, description="Seconds a GPU worker may leave /livez's health check "
+        "unanswered (it holds its event loop while it loads and compiles the model) before "
+        "/livez fails so the pod is restarted; the default matches the Kubernetes startup "
+        "probe's 15 minutes.",
+    )
+    inject_faults: list[Literal["gpu_oom", "internal"]] = Field(
+        [], description="Tests only: the next generations fail, one per entry, with a CUDA "
+        'out-of-memory (`gpu_oom`) or an unexpected exception (`internal`), e.g. '
+        '`["internal", "gpu_oom"]`.',
+    )
+    inject_load_delay: float = Field(
+        0, ge=0, description="Tests only: seconds more the worker takes to load, holding its "
+        "event loop as importing torch does (its readiness probe then goes unanswered).",
+    )
+    fast_path: bool | None = Field(
+        None, description="torch.compile the UNet and, with compile_vae, the VAE's decoder "
+        "(compiled before /readyz turns 200); "
+        "default: on with CUDA, off on the CPU.",
+    )
+    compile_regions: bool = Field(
+        True, description="With the fast path, compile the UNet block by block instead of "
+        "as one graph: much less compiling at the first start and tracing at a restart.",
+    )
+    compile_vae: bool = Field(
+        True, description="With the fast path, also compile the VAE's decoder (for "
+        "decoding_t=1, warmed before /readyz; other decoding_t values decode eagerly): "
+        "1.3 s less per SVD-XT request on an H200, about a minute more at the first start.",
+    )
+    low_memory: bool = Field(
+        False, description="Model offload and chunked feed-forward: SVD-XT within 8 GiB, slower."
+    )
+    fp8: bool = Field(
+        False, description="FP8 matmuls in the UNet's transformer blocks (torchao; GPUs of "
+        "compute capability 8.9+, with the fast path): faster, output deviates more than fp16 "
+        "rounding (see docs/BENCHMARKS.md).",
+    )
+    step_cache: int = Field(
+        0, ge=0, le=10, description="Step caching: run the whole UNet every N-th denoising step "
+        "and only its outermost level in between (N 2-10; 0: off). Faster, and the video "
+        "changes (see docs/BENCHMARKS.md).",
+    )
+    step_cache_layers: int = Field(
+        0, ge=0, le=3, description="With STEP_CACHE: the steps between run only this many "
+        "layers of the UNet's outermost level (1-3, as every SVD variant's UNet has 3; 0: "
+        "all of it). Fewer: faster, and the video changes more (see docs/BENCHMARKS.md).",
+    )
+    warmup: list[Literal["landscape", "portrait"]] = Field(
+        ["landscape", "portrait"],
+        description="Shapes compiled before /readyz turns 200 (with the fast path); a request "
+        "of a shape left out runs the UNet eagerly instead of compiling inside the request.",
+    )
+    compile_cache_dir: str = Field(
+        "~/.cache/bentosvd/inductor",
+        description="torch.compile's cache (TORCHINDUCTOR_CACHE_DIR), with the UNet's blocks "
+        "compiled ahead of time in its aot/ folder; keep it on a volume so a restart neither "
+        "compiles nor traces again.",
+    )
+
+    @field_validator("step_cache")
+    @classmethod
+    def _step_cache_interval(cls, value: int) -> int:
+        if value == 1:
+            raise ValueError("1 would run the whole UNet at every step: use 0 to turn step "
+                             "caching off, or 2-10")
+        return value
+
+    @model_validator(mode="after")
+    def _step_cache_layers_need_step_cache(self) -> Settings:
+        if self.step_cache_layers and not self.step_cache:
+            raise ValueError("STEP_CACHE_LAYERS applies to step caching only: set STEP_CACHE "
+                             "(2-10) too, or leave STEP_CACHE_LAYERS at 0")
+        return self
+
+    @property
+    def variant(self) -> Variant:
+        return VARIANTS[self.model_version]
+
+    @property
+    def variant_tag(self) -> str:
+        return self.model_tag or f"{self.variant.store_name}:latest"
+
+
+@cache
+def get_settings() -> Settings:
+    return Settings()
+
+
+class Params(BaseModel):
+    """The `params` JSON field of `POST /generate`. Every field is optional.
+
+    Unknown fields are refused (400) so a typo never silently falls back to a default.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    fps_id: int = Field(
+        6, ge=1, le=30,
+        description="Frame-rate conditioning; the video plays at fps_id + 1 frames per second.",
+    )
+    motion_bucket_id: int = Field(
+        127, ge=0, le=255, description="Amount of motion (trained range 0-255; higher moves more)."
+    )
+    cond_aug: float = Field(
+        0.02, ge=0.0, le=1.0, allow_inf_nan=False,
+        description="Noise added to the conditioning image; more noise, less like the input.",
+    )
+    decoding_t: int = Field(
+        1, ge=1, le=25,
+        description="Frames the VAE decodes at a time (1 to the variant's frame count): "
+        "more is faster and uses more GPU memory, and changes the output slightly.",
+    )
+    seed: int | None = Field(
+        None, ge=0, le=MAX_SEED,
+        description=f"Random seed, 0 to {MAX_SEED}; null picks one. The seed used is returned "
+        "in the X-Seed header.",
+    )
+    # More control; each omitted keeps the blog's behaviour (the variant's reference values).
+    format: Literal["mp4", "webm", "gif", "webp"] | None = Field(
+        None, description="Output: mp4 (H.264), webm (VP9), gif or webp (animated, looping). "
+        "null: from the Accept header, else mp4.",
+    )
+    boomerang: bool = Field(False, description="Play forward then backward (2F-2 frames).")
+    interpolate_fps: int | None = Field(
+        None, ge=2, le=MAX_INTERPOLATED_FPS,
+        description="Raise the frame rate to this many fps with motion-compensated "
+        "interpolation (must be above fps_id + 1); null: no interpolation.",
+    )
+    num_frames: int | None = Field(
+        None, ge=2, le=MAX_FRAMES,
+        description="Frames to generate (2 to the variant's frame count); null: the variant's.",
+    )
+    num_inference_steps: int | None = Field(
+        None, ge=1, le=MAX_STEPS, description="Denoising steps; null: the variant's (25)."
+    )
+    min_guidance_scale: float | None = Field(
+        None, ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False,
+        description="Guidance for the first frame; null: the variant's.",
+    )
+    max_guidance_scale: float | None = Field(
+        None, ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False,
+        description="Guidance for the last frame (at least min_guidance_scale); null: the variant's.",
+    )
+    sizing: Literal["crop", "pad", "fit"] = Field(
+        "crop", description="How the image meets the model's size: crop (cover, cut the "
+        "centre), pad (fit inside, black bars) or fit (stretch).",
+    )
+    orientation: Literal["auto", "landscape", "portrait"] = Field(
+        "auto", description="Video orientation: auto follows the image (portrait if taller "
+        "than wide), or force landscape (e.g. 1024x576) or portrait (576x1024).",
+    )

@@ -1,0 +1,73 @@
+"""Loading SVD's parts from the model store's folders and saving them in the diffusers
+layout the hub repos use."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import diffusers
+import torch
+from diffusers import EulerDiscreteScheduler, UNetSpatioTemporalConditionModel
+from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+# Folders inside the variant's model directory; the image encoder has a model of its own.
+PIPELINE_PARTS = ("unet", "vae", "scheduler", "feature_extractor")
+
+
+def resolve_device(device: str = "auto", index: int = 0) -> torch.device:
+    """`device`, or for "auto" the CUDA GPU of worker `index` if there is one, else the CPU.
+    BentoML gives each worker service a GPU of its own (CUDA_VISIBLE_DEVICES); with
+    BENTOML_DISABLE_GPU_ALLOCATION every worker sees all of them and takes its own."""
+    if device != "auto":
+        return torch.device(device)
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device(f"cuda:{index % torch.cuda.device_count()}")
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        # CPUs have slow or missing half-precision kernels.
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+def save_parts(parts: dict, pipeline_dir: Path, image_encoder_dir: Path, *, fp16_files: bool) -> None:
+    """Write the pipeline's parts in the diffusers layout the hub repos use:
+    `pipeline_dir/{unet,vae,scheduler,feature_extractor}` and the encoder in `image_encoder_dir`."""
+    variant = "fp16" if fp16_files else None
+    for name in ("unet", "vae"):
+        parts[name].save_pretrained(pipeline_dir / name, variant=variant)
+    parts["scheduler"].save_pretrained(pipeline_dir / "scheduler")
+    parts["feature_extractor"].save_pretrained(pipeline_dir / "feature_extractor")
+    # transformers names its files itself (model.safetensors); the dtype is in the weights.
+    parts["image_encoder"].save_pretrained(image_encoder_dir)
+
+
+def _weights_variant(folder: Path) -> str | None:
+    """`fp16` when the folder holds diffusers' `*.fp16.safetensors` files, else None."""
+    return "fp16" if any(folder.glob("*.fp16.safetensors")) else None
+
+
+def load_parts(pipeline_dir: Path, image_encoder_dir: Path, device: torch.device,
+               dtype: torch.dtype) -> dict:
+    """Load the parts saved by `save_parts` (or placed by the hub download) onto `device`.
+    Into CPU memory first, then copied: reading the files straight onto the GPU
+    (device_map) measured no faster (1.6-2.0 s against 1.4-1.5 s for SVD-XT, H100)."""
+    pipeline_dir, image_encoder_dir = Path(pipeline_dir), Path(image_encoder_dir)
+    # The vae is either SVD's temporal decoder or, for *_image_decoder, a frame-wise
+    # AutoencoderKL: its config names the class.
+    vae_class = json.loads((pipeline_dir / "vae" / "config.json").read_text())["_class_name"]
+    models = {
+        "unet": (UNetSpatioTemporalConditionModel, pipeline_dir / "unet"),
+        "vae": (getattr(diffusers, vae_class), pipeline_dir / "vae"),
+        "image_encoder": (CLIPVisionModelWithProjection, image_encoder_dir),
+    }
+    parts = {}
+    for name, (cls, folder) in models.items():
+        model = cls.from_pretrained(folder, variant=_weights_variant(folder), torch_dtype=dtype)
+        parts[name] = model.to(device).eval().requires_grad_(False)
+    parts["scheduler"] = EulerDiscreteScheduler.from_pretrained(pipeline_dir / "scheduler")
+    parts["feature_extractor"] = CLIPImageProcessor.from_pretrained(pipeline_dir / "feature_extractor")
+    return parts
