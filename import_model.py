@@ -33,8 +33,8 @@ def stage_random(variant_name: str, dest: Path, synthetic: bool) -> dict:
     """Build the demo or synthetic parts in code and save them in the store's layout."""
     import torch
 
-    from bentosvd.weights.random_weights import build_demo, build_synthetic
     from bentosvd.svd.loading import save_parts
+    from bentosvd.weights.random_weights import build_demo, build_synthetic
 
     frames = VARIANTS[variant_name].num_frames
     if synthetic:

@@ -38,17 +38,17 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from bentosvd.svd import compiled_blocks
-from bentosvd.weights.random_weights import build_demo, build_synthetic
-from bentosvd.svd.accel.cross_attention import remove_single_token_cross_attention
+from bentosvd.config import Settings
 from bentosvd.media.streaming_encode import StreamingEncode
+from bentosvd.media.video import encode_mp4
 from bentosvd.protocol import GenerationSettings
-from bentosvd.svd.generator import VideoGenerator, sync
-from bentosvd.svd.speedups import Speedups
+from bentosvd.svd import compiled_blocks
+from bentosvd.svd.accel.cross_attention import remove_single_token_cross_attention
 from bentosvd.svd.accel.temporal_attention import remove_efficient_temporal_attention
 from bentosvd.svd.accel.temporal_conv import remove_frame_conv
-from bentosvd.media.video import encode_mp4
-from bentosvd.config import Settings
+from bentosvd.svd.generator import VideoGenerator, sync
+from bentosvd.svd.speedups import Speedups
+from bentosvd.weights.random_weights import build_demo, build_synthetic
 
 ROOT = Path(__file__).resolve().parent.parent
 # The pipeline modes the benchmark can time on a GPU (--modes), in the default order.
@@ -481,9 +481,9 @@ def oom_check(url: str, png: bytes) -> dict:
 
 def bench_server(args, save=lambda r: None) -> dict:
     """Register the model, serve it, time requests; restart to time a warm compile cache."""
-    from PIL import Image
-
     import io
+
+    from PIL import Image
 
     work = Path(tempfile.mkdtemp(prefix="bentosvd-bench-"))
     server_env = dict(args.server_env)

@@ -8,10 +8,13 @@ of `POST /generate`, whose bounds the service, the docs and the tests all read f
 from __future__ import annotations
 
 from functools import cache
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from bentosvd.media.formats import FORMATS, MAX_INTERPOLATED_FPS, X264_PRESETS
+from bentosvd.svd.speedups import step_cache_problem
 
 VariantName = Literal["svd", "svd_xt", "svd_image_decoder", "svd_xt_image_decoder", "svd_xt_1_1", "demo"]
 
@@ -21,7 +24,6 @@ MAX_SEED = 2**53 - 1
 MAX_FRAMES = 25  # the largest variant's (SVD-XT); each model allows up to its own count
 MAX_STEPS = 50
 MAX_GUIDANCE = 10.0
-MAX_INTERPOLATED_FPS = 60
 
 
 class Variant(BaseModel):
@@ -101,10 +103,9 @@ class Settings(BaseSettings):
     max_aspect_ratio: float = Field(10.0, ge=1.0, description="Longest over shortest side.")
     min_image_side: int = Field(16, ge=1, description="Smallest accepted image side, in pixels.")
     video_crf: int = Field(17, ge=0, le=51, description="H.264 quality (0 best, 51 worst).")
-    video_preset: Literal["ultrafast", "superfast", "veryfast", "faster", "fast", "medium",
-                          "slow", "slower", "veryslow"] = Field(
-        "veryfast", description="libx264 speed preset for MP4: veryfast encodes 25 frames of "
-        "1024x576 about 1.7x faster than medium at the same size and 0.5 dB less PSNR.",
+    video_preset: Literal[X264_PRESETS] = Field(
+        "veryfast", description="libx264 speed preset for MP4: faster presets take less "
+        "time for slightly lower quality at the same file size (docs/performance.md).",
     )
     gpu_workers: int = Field(1, ge=1, description="GPU worker processes (one per GPU).")
     max_queue: int = Field(
@@ -132,9 +133,10 @@ class Settings(BaseSettings):
         'out-of-memory (`gpu_oom`) or an unexpected exception (`internal`), e.g. '
         '`["internal", "gpu_oom"]`.',
     )
-    inject_load_delay: float = Field(
-        0, ge=0, description="Tests only: seconds more the worker takes to load, holding its "
-        "event loop as importing torch does (its readiness probe then goes unanswered).",
+    inject_load_delay: list[Annotated[float, Field(ge=0)]] = Field(
+        [0], description="Tests only: seconds more each GPU worker takes to load (the last "
+        "entry for workers past the list), holding its event loop as importing torch does "
+        "(its readiness probe then goes unanswered), e.g. `[0, 8]`.",
     )
     fast_path: bool | None = Field(
         None, description="torch.compile the UNet and, with compile_vae, the VAE's decoder "
@@ -148,7 +150,7 @@ class Settings(BaseSettings):
     compile_vae: bool = Field(
         True, description="With the fast path, also compile the VAE's decoder (for "
         "decoding_t=1, warmed before /readyz; other decoding_t values decode eagerly): "
-        "1.3 s less per SVD-XT request on an H200, about a minute more at the first start.",
+        "faster requests, a longer first start (docs/performance.md).",
     )
     low_memory: bool = Field(
         False, description="Model offload and chunked feed-forward: SVD-XT within 8 GiB, slower."
@@ -180,19 +182,11 @@ class Settings(BaseSettings):
         "compiles nor traces again.",
     )
 
-    @field_validator("step_cache")
-    @classmethod
-    def _step_cache_interval(cls, value: int) -> int:
-        if value == 1:
-            raise ValueError("1 would run the whole UNet at every step: use 0 to turn step "
-                             "caching off, or 2-10")
-        return value
-
     @model_validator(mode="after")
-    def _step_cache_layers_need_step_cache(self) -> Settings:
-        if self.step_cache_layers and not self.step_cache:
-            raise ValueError("STEP_CACHE_LAYERS applies to step caching only: set STEP_CACHE "
-                             "(2-10) too, or leave STEP_CACHE_LAYERS at 0")
+    def _step_cache_rules(self) -> Settings:
+        problem = step_cache_problem(self.step_cache, self.step_cache_layers)
+        if problem:
+            raise ValueError(problem.replace("step_cache", "STEP_CACHE"))
         return self
 
     @property
@@ -239,7 +233,7 @@ class Params(BaseModel):
         "in the X-Seed header.",
     )
     # More control; each omitted keeps the blog's behaviour (the variant's reference values).
-    format: Literal["mp4", "webm", "gif", "webp"] | None = Field(
+    format: Literal[tuple(FORMATS)] | None = Field(
         None, description="Output: mp4 (H.264), webm (VP9), gif or webp (animated, looping). "
         "null: from the Accept header, else mp4.",
     )

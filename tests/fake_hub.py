@@ -473,7 +473,11 @@ def make_tiny_repo(
         UNetSpatioTemporalConditionModel,
     )
     from safetensors.torch import save_file
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        CLIPVisionModelWithProjection,
+    )
 
     path = Path(root) / repo_id
     if path.exists():

@@ -20,10 +20,19 @@ from typing import Literal
 import httpx
 import pytest
 
-from bentosvd.client.cli import (MAX_WAIT, build_parser, failure_from, find_images,
-                          params_from, parse_param, plan_batch, retry_delay, video_suffix)
-from bentosvd.media.video import probe_video
+from bentosvd.client.cli import (
+    MAX_WAIT,
+    build_parser,
+    failure_from,
+    find_images,
+    params_from,
+    parse_param,
+    plan_batch,
+    retry_delay,
+    video_suffix,
+)
 from bentosvd.config import VARIANTS, Params
+from bentosvd.media.video import probe_video
 from tests.conftest import ROOT, free_port, make_image
 
 DEMO = VARIANTS["demo"]

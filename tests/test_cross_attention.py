@@ -10,13 +10,15 @@ import torch.nn.functional as F
 from diffusers import UNetSpatioTemporalConditionModel
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from bentosvd.weights.random_weights import build_demo
-from bentosvd.svd.accel.cross_attention import (SingleTokenCrossAttention,
-                                      remove_single_token_cross_attention,
-                                      use_single_token_cross_attention)
 from bentosvd.protocol import GenerationSettings
+from bentosvd.svd.accel.cross_attention import (
+    SingleTokenCrossAttention,
+    remove_single_token_cross_attention,
+    use_single_token_cross_attention,
+)
 from bentosvd.svd.generator import VideoGenerator
 from bentosvd.svd.speedups import Speedups
+from bentosvd.weights.random_weights import build_demo
 
 
 def unet_inputs(unet, frames=4, size=32, seed=0):

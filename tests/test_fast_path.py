@@ -59,11 +59,11 @@ def test_compiling_block_by_block_covers_every_block_and_matches_eager():
     import torch
     from torch._dynamo.utils import counters
 
-    from bentosvd.weights.random_weights import build_demo
     from bentosvd.protocol import GenerationSettings
     from bentosvd.svd.compiled_blocks import UNET_REGIONS
     from bentosvd.svd.generator import VideoGenerator
     from bentosvd.svd.speedups import Speedups
+    from bentosvd.weights.random_weights import build_demo
 
     settings = GenerationSettings(num_frames=4, num_inference_steps=3, min_guidance_scale=1.0,
                                   max_guidance_scale=2.0, fps=7, motion_bucket_id=127,
@@ -93,13 +93,15 @@ def test_the_decoder_runs_compiled_only_for_the_warmed_decoding_t(monkeypatch):
     match the eager video."""
     import numpy as np
     import torch
-    from diffusers.models.autoencoders.autoencoder_kl_temporal_decoder import TemporalDecoder
+    from diffusers.models.autoencoders.autoencoder_kl_temporal_decoder import (
+        TemporalDecoder,
+    )
     from torch._dynamo.utils import counters
 
-    from bentosvd.weights.random_weights import build_demo
     from bentosvd.protocol import GenerationSettings
     from bentosvd.svd.generator import VideoGenerator
     from bentosvd.svd.speedups import Speedups
+    from bentosvd.weights.random_weights import build_demo
 
     # The decoder's Python forward runs only eagerly: compiled code was traced from it once.
     eager_calls = []

@@ -10,16 +10,20 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKLTemporalDecoder, EulerDiscreteScheduler, StableVideoDiffusionPipeline
-from diffusers import UNetSpatioTemporalConditionModel
+from diffusers import (
+    AutoencoderKLTemporalDecoder,
+    EulerDiscreteScheduler,
+    StableVideoDiffusionPipeline,
+    UNetSpatioTemporalConditionModel,
+)
 from PIL import Image
 from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
+from bentosvd.config import VARIANTS, Settings
 from bentosvd.media.images import decode_upload
+from bentosvd.media.video import encode_mp4
 from bentosvd.protocol import GenerationSettings
 from bentosvd.svd.generator import VideoGenerator
-from bentosvd.media.video import encode_mp4
-from bentosvd.config import VARIANTS, Settings
 
 DEMO = VARIANTS["demo"]
 PARAMS = {"fps_id": 5, "motion_bucket_id": 200, "cond_aug": 0.05, "decoding_t": 3, "seed": 42}

@@ -25,7 +25,12 @@ from fake_hub import (  # noqa: E402
 )
 
 from bentosvd.weights import hub  # noqa: E402
-from bentosvd.weights.hub import DownloadError, MissingFilesError, copy_from_dir, download_variant  # noqa: E402
+from bentosvd.weights.hub import (  # noqa: E402
+    DownloadError,
+    MissingFilesError,
+    copy_from_dir,
+    download_variant,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SVD = "stabilityai/stable-video-diffusion-img2vid"

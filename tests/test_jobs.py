@@ -11,8 +11,8 @@ import time
 import httpx
 import pytest
 
-from bentosvd.media.video import probe_video
 from bentosvd.config import VARIANTS
+from bentosvd.media.video import probe_video
 from tests.conftest import ROOT, demo_env
 from tests.test_service import DEMO, assert_video, post
 

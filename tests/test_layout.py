@@ -12,13 +12,15 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from diffusers.models.transformers.transformer_temporal import TransformerTemporalModelOutput
+from diffusers.models.transformers.transformer_temporal import (
+    TransformerTemporalModelOutput,
+)
 
-from bentosvd.weights.random_weights import build_demo
 from bentosvd.svd.accel.channels_last import channels_last_output
 from bentosvd.svd.compiled_blocks import UNET_REGIONS, compile_regions
 from bentosvd.svd.generator import VideoGenerator
 from bentosvd.svd.speedups import Speedups
+from bentosvd.weights.random_weights import build_demo
 from tests.test_saved_regions import IMAGE, SAVED, SETTINGS, assert_close, warmed
 
 CHANNELS_LAST = replace(SAVED, channels_last_blocks=True)

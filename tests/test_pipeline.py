@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from bentosvd.weights.random_weights import build_demo
 from bentosvd.protocol import GenerationSettings
 from bentosvd.svd.accel.fp8 import quantize_fp8
 from bentosvd.svd.generator import VideoGenerator, split_guidance_batch
 from bentosvd.svd.speedups import Speedups
+from bentosvd.weights.random_weights import build_demo
 
 SETTINGS = GenerationSettings(num_frames=4, num_inference_steps=3, min_guidance_scale=1.0,
                               max_guidance_scale=2.0, fps=7, motion_bucket_id=127,

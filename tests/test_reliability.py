@@ -17,13 +17,15 @@ import time
 import httpx
 import pytest
 
+from tests.conftest import ROOT
 from tests.test_service import DEMO, assert_video, post
 
 
-def wait_for_log(server, text: str, timeout: float = 30) -> str:
+def wait_for_log(server, text: str, timeout: float = 30, since: int = 0) -> str:
+    """The server's log from byte `since` on, once it holds `text`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        log = server.log.read_text(errors="replace")
+        log = server.log.read_bytes()[since:].decode(errors="replace")
         if text in log:
             return log
         time.sleep(0.2)
@@ -58,7 +60,8 @@ def test_faults_answer_500_or_503_then_livez_fails_and_recovers(start_server, te
 
 
 def test_deadline_stops_the_generation_and_answers_504(start_server, test_image):
-    server = start_server(TIMEOUT="2")
+    # Through the configuration file `make serve` uses: TIMEOUT alone sets the timeouts.
+    server = start_server(TIMEOUT="2", BENTOML_CONFIG=str(ROOT / "bentoml_configuration.yaml"))
     # The most steps allowed: the demo's own 8 can end inside the 1 s the worker gets
     # (TIMEOUT less a second) on an idle machine, and then there is nothing to stop.
     response = post(server, test_image, {"seed": 0, "num_inference_steps": 50})
@@ -68,10 +71,13 @@ def test_deadline_stops_the_generation_and_answers_504(start_server, test_image)
 
 def test_client_disconnect_stops_the_generation(server, test_image):
     # The most steps allowed, as in the deadline test: the demo's own 8 can end before the
-    # disconnect reaches the worker, and then there is nothing to stop.
+    # disconnect reaches the worker, and then there is nothing to stop. Only this test's
+    # part of the shared server's log counts.
+    since = server.log.stat().st_size
     with pytest.raises(httpx.ReadTimeout):
         post(server, test_image, {"seed": 99, "num_inference_steps": 50}, timeout=0.8)
-    wait_for_log(server, "generation stopped: the caller disconnected")
+    log = wait_for_log(server, "generation stopped: the caller left or cancelled", since=since)
+    assert "the client disconnected; its generation was cancelled" in log
     assert post(server, test_image, {"seed": 0}).status_code == 200
 
 
@@ -119,7 +125,9 @@ def test_readyz_turns_200_only_once_the_model_is_loaded(start_server):
         not_ready.append(status)
         time.sleep(0.1)
     # Read at once: the worker had logged its model loaded before /readyz said 200.
+    assert status == 200, not_ready[-5:]
     assert "GenerationWorker initialized" in server.log.read_text()
+    assert not_ready, "/readyz was never seen before the model had loaded"
     assert set(not_ready) <= {503, "ConnectError", "ReadTimeout"}, not_ready
 
 
@@ -132,7 +140,7 @@ def test_probes_answer_while_a_loading_worker_holds_its_event_loop_and_sigterm_s
     SIGTERM). /livez must answer within its 5 s too (it waited for the worker: 31.8 s with a
     25-s delay): 200 while the worker has been silent for less than WORKER_SILENT_LIMIT
     (here 4 s), then 503, and 200 again once the worker answers."""
-    server = start_server(wait=False, INJECT_LOAD_DELAY="20", WORKER_SILENT_LIMIT="4")
+    server = start_server(wait=False, INJECT_LOAD_DELAY="[20]", WORKER_SILENT_LIMIT="4")
     ready, live = [], []
 
     def probe(path: str, into: list) -> int | None:
@@ -163,12 +171,22 @@ def test_probes_answer_while_a_loading_worker_holds_its_event_loop_and_sigterm_s
     server.proc.wait(30)
 
 
+def in_flight(server) -> float:
+    metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
+    return sum(float(line.split()[-1]) for line in metrics.splitlines()
+               if line.startswith("svd_in_flight"))
+
+
 def test_sigterm_lets_the_request_in_flight_finish(start_server, test_image):
     server = start_server()
     result = {}
-    thread = threading.Thread(target=lambda: result.update(r=post(server, test_image, {"seed": 5})))
+    params = {"seed": 5, "num_inference_steps": 20}
+    thread = threading.Thread(target=lambda: result.update(r=post(server, test_image, params)))
     thread.start()
-    time.sleep(1.0)  # the generation (about 2-3 s) is under way
+    deadline = time.monotonic() + 60
+    while in_flight(server) < 1:  # the worker has started the generation
+        assert time.monotonic() < deadline and thread.is_alive(), "the generation never started"
+        time.sleep(0.05)
     os.killpg(server.proc.pid, signal.SIGTERM)
     thread.join(120)
     assert result["r"].status_code == 200
@@ -179,9 +197,11 @@ def test_sigterm_lets_the_request_in_flight_finish(start_server, test_image):
 def test_gpu_workers_each_get_requests_and_readyz_waits_for_all(start_server, test_image):
     """GPU_WORKERS=2 on the CPU: one worker service per GPU (GenerationWorker and
     GenerationWorker2, each asking BentoML for one GPU); /readyz turns 200 only once both
-    have loaded the model, and concurrent requests go to different workers."""
-    server = start_server(GPU_WORKERS="2")
-    log = server.log.read_text()
+    have loaded the model (the second loads 8 s longer here), and concurrent requests go to
+    different workers."""
+    server = start_server(GPU_WORKERS="2", INJECT_LOAD_DELAY="[0, 8]", wait=False)
+    server.wait_ready()
+    log = server.log.read_text()  # read at once: both had loaded before /readyz said 200
     assert "Service GenerationWorker initialized" in log
     assert "Service GenerationWorker2 initialized" in log
     with concurrent.futures.ThreadPoolExecutor(4) as pool:

@@ -23,8 +23,8 @@ import bentoml
 import httpx
 import pytest
 
-from bentosvd.config import Params, Settings
 from bentosvd.api.guard import AnswerErrors, JsonField, RequestGuard, json_depth
+from bentosvd.config import Params, Settings
 from tests.conftest import ROOT
 from tests.test_service import BLOG_CURL
 

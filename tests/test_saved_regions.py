@@ -23,15 +23,17 @@ import numpy as np
 import pytest
 import torch
 
-from bentosvd.svd import compiled_blocks
-from bentosvd.weights.random_weights import build_demo
-from bentosvd.svd.accel.cross_attention import (remove_single_token_cross_attention,
-                                      use_single_token_cross_attention)
-from bentosvd.svd.accel.channels_last import use_channels_last_weights
 from bentosvd.protocol import GenerationSettings
+from bentosvd.svd import compiled_blocks
+from bentosvd.svd.accel.channels_last import use_channels_last_weights
+from bentosvd.svd.accel.cross_attention import (
+    remove_single_token_cross_attention,
+    use_single_token_cross_attention,
+)
 from bentosvd.svd.compiled_blocks import UNET_REGIONS
 from bentosvd.svd.generator import VideoGenerator
 from bentosvd.svd.speedups import Speedups
+from bentosvd.weights.random_weights import build_demo
 from tests.conftest import ROOT
 
 SETTINGS = GenerationSettings(num_frames=4, num_inference_steps=3, min_guidance_scale=1.0,

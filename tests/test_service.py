@@ -12,8 +12,8 @@ import bentoml
 import httpx
 import pytest
 
-from bentosvd.media.video import probe_video
 from bentosvd.config import MAX_SEED, VARIANTS, Params
+from bentosvd.media.video import probe_video
 from tests.conftest import ROOT, make_image
 
 DEMO = VARIANTS["demo"]
@@ -125,12 +125,16 @@ def test_params_outside_schema_get_400_naming_the_field(server, test_image, para
 
 @pytest.mark.parametrize("filename", ["../../evil.png", "a/b.png", "a\\b.png", "évil ☃.png",
                                       ".png", 'semi;colon".png', "con.png"])
-def test_hostile_file_names_are_harmless(server, test_image, filename, tmp_path):
+def test_hostile_file_names_are_harmless(server, server_tmp, test_image, filename, tmp_path):
+    # BentoML keeps uploads in a folder under the server's TMPDIR (server_tmp): a name that
+    # climbed out of it would land in server_tmp or above it, or beside the server's cwd.
+    places = [server_tmp, server_tmp.parent, server_tmp.parent.parent, ROOT, ROOT.parent]
     with test_image.open("rb") as f:
         response = httpx.post(f"{server.url}/generate", files={"img": (filename, f, "image/png")},
                               data={"params": '{"seed": 0}'}, timeout=120)
     assert response.status_code == 200, response.text
-    assert not (ROOT.parent / "evil.png").exists() and not (ROOT / "evil.png").exists()
+    escaped = [p for place in places for p in place.glob("*evil*")]
+    assert not escaped, escaped
 
 
 def test_not_an_image_gets_json_error(server, tmp_path):
@@ -155,21 +159,28 @@ def test_requests_leave_no_temporary_files(server, server_tmp, test_image):
 @pytest.mark.parametrize("idle", [4.9, 5.0, 5.1])
 def test_request_after_idle_keep_alive_succeeds(server, test_image, idle):
     """The worker closes idle connections after 5 s; a request arriving just then must not
-    fail with a broken pipe (BentoML issue #4971)."""
+    fail with a broken pipe (BentoML issue #4971). Whether the race happens in a given run
+    is up to timing: tests/test_worker_client.py makes the stale connection happen."""
     assert post(server, test_image, {"seed": 0}).status_code == 200
     time.sleep(idle)
     response = post(server, test_image, {"seed": 0})
     assert response.status_code == 200, response.text
 
 
-def test_configuration_file_sets_timeouts(start_server, test_image, tmp_path):
-    """BENTOML_CONFIG really reaches the services: a 1 s timeout turns a demo request into 504."""
-    config = (ROOT / "bentoml_configuration.yaml").read_text().replace("timeout: 300", "timeout: 1")
-    assert config.count("timeout: 1") == 2
-    (tmp_path / "short.yaml").write_text(config)
-    server = start_server(BENTOML_CONFIG=str(tmp_path / "short.yaml"))
-    response = post(server, test_image, {"seed": 0})
-    assert response.status_code == 504
+def test_timeouts_have_one_source():
+    """TIMEOUT (Settings) is the only timeout: the BentoML configuration file sets none, so
+    it cannot disagree with the deadline the API gives each generation, for any number of
+    GPU worker services."""
+    import yaml
+
+    config = yaml.safe_load((ROOT / "bentoml_configuration.yaml").read_text())
+
+    def keys(node):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                yield key
+                yield from keys(value)
+    assert "timeout" not in set(keys(config)), config
 
 
 def test_bentofile_serve(start_server, test_image):

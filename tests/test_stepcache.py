@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from bentosvd.weights.random_weights import build_demo
 from bentosvd.protocol import GenerationSettings
 from bentosvd.svd.generator import VideoGenerator
 from bentosvd.svd.speedups import Speedups
 from bentosvd.svd.stepcache import StepCache
+from bentosvd.weights.random_weights import build_demo
 from tests.test_service import DEMO, assert_video, post
 
 SETTINGS = GenerationSettings(num_frames=4, num_inference_steps=7, min_guidance_scale=1.0,

@@ -9,12 +9,12 @@ import time
 
 import numpy as np
 import pytest
+from test_video import clip
 
 from bentosvd.media import video
 from bentosvd.media.streaming_encode import StreamingEncode, encode_output
-from bentosvd.protocol import OutputSpec
 from bentosvd.media.video import probe_video
-from test_video import clip
+from bentosvd.protocol import OutputSpec
 
 SHAPE = (6, 143, 255, 3)  # see test_chunks_make_the_same_file_as_the_whole_clip for the size
 

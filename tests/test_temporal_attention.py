@@ -13,12 +13,14 @@ from diffusers.models.attention import TemporalBasicTransformerBlock
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch.nn.attention import SDPBackend
 
-from bentosvd.weights.random_weights import build_demo
-from bentosvd.svd.compiled_blocks import UNET_REGIONS
+from bentosvd.svd.accel.temporal_attention import (
+    TemporalAttention,
+    remove_efficient_temporal_attention,
+    use_efficient_temporal_attention,
+)
+from bentosvd.svd.compiled_blocks import UNET_REGIONS, SavedRegions
 from bentosvd.svd.speedups import Speedups
-from bentosvd.svd.compiled_blocks import SavedRegions
-from bentosvd.svd.accel.temporal_attention import (TemporalAttention, remove_efficient_temporal_attention,
-                                         use_efficient_temporal_attention)
+from bentosvd.weights.random_weights import build_demo
 from tests.test_cross_attention import demo_video, unet_inputs
 
 

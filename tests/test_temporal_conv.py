@@ -13,11 +13,14 @@ import torch
 from diffusers import AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionModel
 
 from benchmarks.bench import psnr
-from bentosvd.weights.random_weights import build_demo
-from bentosvd.svd.compiled_blocks import UNET_REGIONS
+from bentosvd.svd.accel.temporal_conv import (
+    FrameConv,
+    remove_frame_conv,
+    use_frame_conv,
+)
+from bentosvd.svd.compiled_blocks import UNET_REGIONS, SavedRegions
 from bentosvd.svd.speedups import Speedups
-from bentosvd.svd.compiled_blocks import SavedRegions
-from bentosvd.svd.accel.temporal_conv import FrameConv, remove_frame_conv, use_frame_conv
+from bentosvd.weights.random_weights import build_demo
 from tests.test_cross_attention import demo_video, unet_inputs
 
 

@@ -26,9 +26,9 @@ from bentosvd.api.planning import choose_format, plan_generation
 from bentosvd.api.worker_client import GenerationFailed, WorkerClient
 from bentosvd.config import DEMO_WARNING, Params, Settings, Variant
 from bentosvd.errors import PayloadTooLarge, ServiceError, error_response
+from bentosvd.media.formats import FORMATS
 from bentosvd.media.images import decode_upload
-from bentosvd.media.video import FORMATS
-from bentosvd.protocol import GenerationSettings, Generated, OutputSpec, Started, Step
+from bentosvd.protocol import Generated, GenerationSettings, OutputSpec, Started, Step
 
 logger = logging.getLogger("bentoml.svd")
 

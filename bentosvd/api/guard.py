@@ -19,12 +19,17 @@ import logging
 from dataclasses import dataclass
 
 from pydantic import BaseModel, ValidationError
-
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from bentosvd.errors import (InvalidParams, InvalidRequest, PayloadTooLarge, RequestError,
-                             UnsupportedMediaType, error_response)
+from bentosvd.errors import (
+    InvalidParams,
+    InvalidRequest,
+    PayloadTooLarge,
+    RequestError,
+    UnsupportedMediaType,
+    error_response,
+)
 
 logger = logging.getLogger("bentoml.svd")
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import secrets
 
+from bentosvd.config import MAX_SEED, Params, Variant
 from bentosvd.errors import InvalidParams
+from bentosvd.media.formats import FORMATS, MAX_INTERPOLATED_FPS
 from bentosvd.protocol import GenerationSettings, OutputSpec
-from bentosvd.media.video import FORMATS
-from bentosvd.config import MAX_INTERPOLATED_FPS, MAX_SEED, Params, Variant
 
 
 def choose_format(params: Params, accept: str | None) -> str:

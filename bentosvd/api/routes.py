@@ -18,7 +18,7 @@ from bentosvd.api.generations import Generations
 from bentosvd.api.jobs import Job
 from bentosvd.config import DEMO_WARNING, Params, get_settings
 from bentosvd.errors import error_response
-from bentosvd.media.video import FORMATS
+from bentosvd.media.formats import FORMATS
 
 
 def _generations() -> Generations:

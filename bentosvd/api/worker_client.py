@@ -16,8 +16,14 @@ import numpy as np
 
 from bentosvd.api.dispatch import Lines
 from bentosvd.errors import ServiceError
-from bentosvd.protocol import (Done, Failed, FailureKind, GenerationSettings, OutputSpec,
-                               parse_event)
+from bentosvd.protocol import (
+    Done,
+    Failed,
+    FailureKind,
+    GenerationSettings,
+    OutputSpec,
+    parse_event,
+)
 
 logger = logging.getLogger("bentoml.svd")
 

@@ -8,7 +8,12 @@ import os
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from bentosvd.errors import InvalidImage, PayloadTooLarge, RequestError, UnsupportedMediaType
+from bentosvd.errors import (
+    InvalidImage,
+    PayloadTooLarge,
+    RequestError,
+    UnsupportedMediaType,
+)
 
 ALLOWED_FORMATS = frozenset({"PNG", "JPEG", "WEBP"})
 """Pillow format names we accept. Everything else (GIF, BMP, TIFF, ICO, PSD, ...) is refused

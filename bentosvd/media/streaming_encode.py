@@ -10,9 +10,15 @@ from concurrent.futures import Future
 
 import numpy as np
 
+from bentosvd.media.video import (
+    boomerang,
+    boomerang_chunks,
+    boomerang_length,
+    encode_chunks,
+    encode_video,
+    interpolate,
+)
 from bentosvd.protocol import OutputSpec
-from bentosvd.media.video import (boomerang, boomerang_chunks, boomerang_length, encode_chunks,
-                                  encode_video, interpolate)
 
 
 def encode_output(frames: np.ndarray, output: OutputSpec, *, crf: int, preset: str) -> bytes:

@@ -16,7 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import StableVideoDiffusionPipeline
-from diffusers.models.unets.unet_spatio_temporal_condition import UNetSpatioTemporalConditionOutput
+from diffusers.models.unets.unet_spatio_temporal_condition import (
+    UNetSpatioTemporalConditionOutput,
+)
 from PIL import Image
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -26,7 +28,12 @@ from bentosvd.svd.accel.cross_attention import use_single_token_cross_attention
 from bentosvd.svd.accel.fp8 import quantize_fp8
 from bentosvd.svd.accel.temporal_attention import use_efficient_temporal_attention
 from bentosvd.svd.accel.temporal_conv import use_frame_conv
-from bentosvd.svd.compiled_blocks import UNET_REGIONS, SavedRegions, compile_regions, region_forward
+from bentosvd.svd.compiled_blocks import (
+    UNET_REGIONS,
+    SavedRegions,
+    compile_regions,
+    region_forward,
+)
 from bentosvd.svd.loading import load_parts, resolve_device, resolve_dtype
 from bentosvd.svd.speedups import Speedups
 from bentosvd.svd.stepcache import StepCache

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+
 @dataclass(frozen=True)
 class Speedups:
     """How the pipeline runs; none of these changes what it computes beyond float rounding.
@@ -71,10 +72,9 @@ class Speedups:
     step_cache_layers: int = 0
 
     def __post_init__(self):
-        if self.step_cache == 1 or self.step_cache < 0:
-            raise ValueError(f"step_cache must be 0 (off) or 2 or more, got {self.step_cache}")
-        if self.step_cache_layers and not self.step_cache:
-            raise ValueError("step_cache_layers applies to step caching only: set step_cache too")
+        problem = step_cache_problem(self.step_cache, self.step_cache_layers)
+        if problem:
+            raise ValueError(problem)
         if self.step_cache and self.cuda_graphs:
             raise ValueError("step_cache cannot be combined with cuda_graphs")
 
@@ -104,3 +104,15 @@ class Speedups:
         # LOW_MEMORY: for GPUs of 8 GiB (see low_memory); the cross-attention shortcut only
         # removes work and activations, so it comes along, as does the temporal attention's kernel.
         return cls(low_memory=True, single_token_cross_attention=True, efficient_temporal_attention=True)
+
+
+def step_cache_problem(interval: int, layers: int) -> str | None:
+    """What is wrong with step caching every `interval` steps on `layers` layers, or None;
+    the settings (STEP_CACHE, STEP_CACHE_LAYERS) are checked by this too."""
+    if interval == 1 or interval < 0:
+        return (f"step_cache is {interval}: use 0 to turn step caching off, or 2 or more "
+                "(1 would run the whole UNet at every step)")
+    if layers and not interval:
+        return ("step_cache_layers applies to step caching only: set step_cache (2 or more) "
+                "too, or leave step_cache_layers at 0")
+    return None

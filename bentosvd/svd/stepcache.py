@@ -26,7 +26,9 @@ blocks (`compile_regions`) serve both passes.
 from __future__ import annotations
 
 import torch
-from diffusers.models.unets.unet_spatio_temporal_condition import UNetSpatioTemporalConditionOutput
+from diffusers.models.unets.unet_spatio_temporal_condition import (
+    UNetSpatioTemporalConditionOutput,
+)
 
 
 class StepCache:

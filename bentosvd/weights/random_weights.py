@@ -9,8 +9,16 @@ Both return the five parts a `StableVideoDiffusionPipeline` takes.
 from __future__ import annotations
 
 import torch
-from diffusers import AutoencoderKLTemporalDecoder, EulerDiscreteScheduler, UNetSpatioTemporalConditionModel
-from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+from diffusers import (
+    AutoencoderKLTemporalDecoder,
+    EulerDiscreteScheduler,
+    UNetSpatioTemporalConditionModel,
+)
+from transformers import (
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+)
 
 # SVD's scheduler, as shipped in the Stability repos' scheduler_config.json.
 SCHEDULER_CONFIG = dict(

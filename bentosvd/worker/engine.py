@@ -20,7 +20,14 @@ import numpy as np
 import torch
 
 from bentosvd.media.streaming_encode import StreamingEncode
-from bentosvd.protocol import Failed, FailureKind, GenerationSettings, OutputSpec, Started, Step
+from bentosvd.protocol import (
+    Failed,
+    FailureKind,
+    GenerationSettings,
+    OutputSpec,
+    Started,
+    Step,
+)
 from bentosvd.svd import compiled_blocks
 from bentosvd.svd.generator import VideoGenerator
 from bentosvd.svd.loading import resolve_device

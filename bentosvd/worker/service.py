@@ -22,7 +22,14 @@ import numpy as np
 
 from bentosvd.config import DEMO_WARNING, get_settings
 from bentosvd.metrics import in_flight
-from bentosvd.protocol import Done, Failed, GenerationSettings, Generated, OutputSpec, frame
+from bentosvd.protocol import (
+    Done,
+    Failed,
+    Generated,
+    GenerationSettings,
+    OutputSpec,
+    frame,
+)
 from bentosvd.weights.store import find_models
 
 # While the worker encodes one video (FFmpeg threads) it already generates the next. On a CPU
@@ -58,7 +65,8 @@ class GenerationWorker:
         started = time.perf_counter()
         from bentosvd.worker.engine import Engine
         logger.info("imported torch and diffusers in %.1f s", time.perf_counter() - started)
-        time.sleep(settings.inject_load_delay)  # tests: a load slow enough to miss probes
+        delays = settings.inject_load_delay  # tests: a load slow enough to miss probes
+        time.sleep(delays[min(self.index, len(delays) - 1)] if delays else 0)
 
         self.engine = Engine(
             settings, variant, str(self.variant_model.tag),

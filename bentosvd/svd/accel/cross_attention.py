@@ -17,7 +17,11 @@ goes to the layer's own processor, unchanged.
 from __future__ import annotations
 
 import torch
-from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+from diffusers.models.attention_processor import (
+    Attention,
+    AttnProcessor,
+    AttnProcessor2_0,
+)
 
 
 class SingleTokenCrossAttention:

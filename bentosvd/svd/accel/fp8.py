@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+
 def quantize_fp8(unet: torch.nn.Module, device: torch.device) -> None:
     """FP8 weights and activations (dynamic per-row scales) for the linear layers of the
     UNet's transformer blocks, where most of its matmul work is; convolutions stay fp16."""
@@ -11,8 +12,12 @@ def quantize_fp8(unet: torch.nn.Module, device: torch.device) -> None:
         raise ValueError("FP8 needs an NVIDIA GPU of compute capability 8.9 or newer "
                          "(Ada, Hopper, Blackwell); turn FP8 off on this device")
     try:
-        from torchao.quantization import (Float8DynamicActivationFloat8WeightConfig, PerRow,
-                                          PerTensor, quantize_)
+        from torchao.quantization import (
+            Float8DynamicActivationFloat8WeightConfig,
+            PerRow,
+            PerTensor,
+            quantize_,
+        )
     except ImportError as e:
         raise ValueError("FP8 needs torchao: pip install torchao==0.18.0") from e
 
