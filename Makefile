@@ -7,7 +7,7 @@ MODEL_VERSION ?= demo
 BIN := $(VENV)/bin
 export BENTOML_DO_NOT_TRACK ?= true
 
-.PHONY: install serve test test-gpu import bench clean
+.PHONY: install serve test test-unit test-gpu import bench clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -29,13 +29,18 @@ test: install
 	bash scripts/install_browser.sh
 	$(BIN)/python -m pytest
 
+# The quick loop: the unit tests, no server, no compile (under 2 minutes on 2 cores).
+test-unit: install
+	$(BIN)/python -m pytest -m "not server and not slow" -q
+
 # Every documented server setting on a CUDA GPU (tests/gpu). On the device machine, with no
 # venv: `source scripts/device_bench.sh && make test-gpu GPU_PYTHON=python3`.
 GPU_PYTHON ?= $(BIN)/python
 test-gpu:
 	BENTOSVD_GPU_TESTS=1 $(GPU_PYTHON) -m pytest tests/gpu -m gpu -v -s -p no:cacheprovider
 
-# GPU: full-size synthetic SVD-XT; CPU: the demo model. Writes bench.json.
+# GPU: full-size synthetic SVD-XT; CPU: the demo model. Writes bench.json and a log per
+# server start (benchmarks/README.md).
 bench: install
 	$(BIN)/python -m benchmarks.bench --sweep --server $(BENCH_ARGS)
 

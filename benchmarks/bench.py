@@ -7,19 +7,24 @@
 pipeline in each speed/memory mode, per phase, with peak memory, achieved TFLOP/s and
 per-frame PSNR against eager; (c) `bentoml serve` end to end (POST /generate → MP4 bytes),
 with time to ready on a cold and a warm compile cache. Prints a table, writes JSON and,
-with --docs, a section of docs/BENCHMARKS.md. Phases are timed by synchronising the
-device around the pipeline's own methods, which the benchmark wraps.
+with --markdown, the table and the command as markdown beside it: a run that the journal
+(docs/journal.md) cites keeps both in benchmarks/results/. Phases are timed by
+synchronising the device around the pipeline's own methods, which the benchmark wraps.
+Each pipeline mode gets fresh copies of the models, so no mode inherits another's
+speed-ups.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import math
 import os
 import platform
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -31,7 +36,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -41,11 +46,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from bentosvd.config import Settings
 from bentosvd.media.streaming_encode import StreamingEncode
 from bentosvd.media.video import encode_mp4
-from bentosvd.protocol import GenerationSettings
+from bentosvd.protocol import GenerationSettings, OutputSpec
 from bentosvd.svd import compiled_blocks
-from bentosvd.svd.accel.cross_attention import remove_single_token_cross_attention
-from bentosvd.svd.accel.temporal_attention import remove_efficient_temporal_attention
-from bentosvd.svd.accel.temporal_conv import remove_frame_conv
 from bentosvd.svd.generator import VideoGenerator, sync
 from bentosvd.svd.speedups import Speedups
 from bentosvd.weights.random_weights import build_demo, build_synthetic
@@ -67,10 +69,7 @@ MODES = {
     "fast_conv3d": replace(Speedups.fast(), frame_conv=False),
     # NCHW between the UNet's compiled blocks (the default up to 2026-11-28's run q)
     "fast_nchw_blocks": replace(Speedups.fast(), channels_last_blocks=False),
-    # the convolution weights channels-last too (the UNet's were from run q to 2026-11-28's run u)
-    "fast_cl_weights": replace(Speedups.fast(), channels_last=True),
     "fast_whole": replace(Speedups.fast(), compile_regions=False),  # the UNet as one graph
-    "fast_cudagraphs": replace(Speedups.fast(), compile_regions=False, cuda_graphs=True),
     "fp8_eager": Speedups(fp8=True),
     # Step caching (bentosvd/svd/stepcache.py): changes the output, its PSNR is the deviation.
     "step_cache2": replace(Speedups.fast(), step_cache=2),
@@ -81,7 +80,6 @@ MODES = {
     "step_cache2_layers1": replace(Speedups.fast(), step_cache=2, step_cache_layers=1),
     "fp8_step_cache3": replace(Speedups.fast(), fp8=True, step_cache=3),
     "eager": Speedups(),
-    "eager_cl_cudnn": Speedups(channels_last=True, cudnn_attention=True),
 }
 # Modes that claim the same output as eager fp16 must stay this close to it on every frame
 # (fp16 rounding differences land at 60+ dB; a real change of the output far below 40).
@@ -124,7 +122,7 @@ def run_once(gen: VideoGenerator, image: np.ndarray, settings: GenerationSetting
     # Encoded as the server encodes by default: chunk by chunk while the video is decoded,
     # so video_encode is what is left of it after the last frame.
     encoder = StreamingEncode((settings.num_frames, *image.shape[:2], 3),
-                              {"format": "mp4", "fps": settings.fps},
+                              OutputSpec(format="mp4", fps=settings.fps),
                               crf=Settings.model_fields["video_crf"].default,
                               preset=Settings.model_fields["video_preset"].default)
     try:
@@ -194,7 +192,7 @@ def profile_step(gen: VideoGenerator, image: np.ndarray, settings: GenerationSet
 
     activities = [ProfilerActivity.CUDA] if on_gpu else [ProfilerActivity.CPU]
     with profile(activities=activities, schedule=schedule(wait=1, warmup=0, active=1, repeat=1)) as prof:
-        gen.generate(image, replace(settings, num_inference_steps=3), on_step=on_step)
+        gen.generate(image, settings.model_copy(update={"num_inference_steps": 3}), on_step=on_step)
     wall = marks[1] - marks[0]
     kernels = {}
     for e in prof.key_averages():
@@ -274,7 +272,7 @@ def bench_pipeline(args, device, dtype, save=lambda r: None) -> dict:
     parts = {k: (v.to(device, dtype) if isinstance(v, torch.nn.Module) else v) for k, v in parts.items()}
     image = bench_image(args.height, args.width)
     settings = bench_generation(variant_frames, args.steps, args.decoding_t)
-    result = {"settings": asdict(settings), "height": args.height, "width": args.width}
+    result = {"settings": settings.model_dump(), "height": args.height, "width": args.width}
     save(result)
 
     result["vanilla"] = vanilla(parts, image, settings, device, args.repeats)
@@ -290,20 +288,21 @@ def bench_pipeline(args, device, dtype, save=lambda r: None) -> dict:
         args.profile = ["eager"]
     result["modes"] = {}
     for name, speedups in modes.items():
+        gen = r = None
         try:
-            mode_parts = dict(parts)
-            if speedups.fp8:  # quantizing is in place: keep the shared fp16 UNet intact
-                mode_parts["unet"] = copy.deepcopy(parts["unet"])
             # Compiled blocks kept inside Inductor's cache, as the server keeps them.
-            gen = VideoGenerator(mode_parts, device, speedups,
+            gen = VideoGenerator(fresh(parts), device, speedups,
                                  compiled_blocks.folder(os.environ["TORCHINDUCTOR_CACHE_DIR"]))
             r = measure(gen, image, settings, args.repeats)
+            if name in args.profile:
+                r["profile"] = profile_step(gen, image, settings)
         except Exception as e:  # one failing mode must not lose the others' numbers
             result["modes"][name] = {"error": repr(e)}
             print(f"{name}: FAILED {e!r}", flush=True)
+        gen = None  # its copies of the models go (outside the except: its traceback holds them)
+        forget(device)
+        if name in result["modes"]:
             continue
-        if name in args.profile:
-            r["profile"] = profile_step(gen, image, settings)
         frames = r.pop("frames")
         r["psnr_vs_eager_db"] = psnr(frames, reference)
         r["equivalent_to_eager"] = r["psnr_vs_eager_db"] >= PSNR_TOLERANCE_DB
@@ -318,38 +317,25 @@ def bench_pipeline(args, device, dtype, save=lambda r: None) -> dict:
               f"peak {r['peak_gib']} GiB, PSNR {r['psnr_vs_eager_db']:.1f} dB"
               + ("" if r["equivalent_to_eager"] else f" BELOW THE {PSNR_TOLERANCE_DB} dB TOLERANCE"),
               flush=True)
-        undo(gen, parts, speedups, device)
-        del gen, mode_parts
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
     if args.sweep:
         result["sweep"] = sweep(parts, image, settings, device, args)
     return result
 
 
-def undo(gen: VideoGenerator, parts: dict, speedups: Speedups, device) -> None:
-    """Give the next mode the plain parts back (compiled wrappers, offload hooks removed)."""
-    if gen.saved_regions is not None:
-        gen.saved_regions.remove()
-    remove_single_token_cross_attention(parts["unet"])
-    remove_efficient_temporal_attention(parts["unet"])
-    remove_frame_conv(parts["unet"])
-    remove_frame_conv(parts["vae"])
-    if speedups.low_memory:
-        gen.pipe.remove_all_hooks()
-        for m in parts["unet"].modules():  # forward chunking off again
-            if hasattr(m, "set_chunk_feed_forward"):
-                m.set_chunk_feed_forward(None)
-        for module in parts.values():
-            if isinstance(module, torch.nn.Module):
-                module.to(device)
-    for m in parts["unet"].modules():  # the step cache's forward, the blocks' channels-last ones
-        m.__dict__.pop("forward", None)
-    for m in [*parts["unet"].modules(), *parts["vae"].modules()]:
-        m._compiled_call_impl = None
-        if isinstance(m, torch.nn.Conv2d):
-            m.to(device, memory_format=torch.contiguous_format)
+def fresh(parts: dict) -> dict:
+    """Copies of the models for one generator: a speed-up patches, compiles, quantizes or
+    offloads the modules it is given in place, so each mode starts from untouched ones and
+    the benchmark needs to know none of them (the processors and scheduler are shared)."""
+    return {k: copy.deepcopy(v) if isinstance(v, torch.nn.Module) else v for k, v in parts.items()}
+
+
+def forget(device) -> None:
+    """After a generator is dropped: its models (held in reference cycles by the wrappers
+    the speed-ups install), their compiled code and the cached memory go with it."""
+    gc.collect()
     torch._dynamo.reset()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def sweep(parts, image, settings, device, args) -> list[dict]:
@@ -360,19 +346,21 @@ def sweep(parts, image, settings, device, args) -> list[dict]:
     cases = [("frames", {"num_frames": n}) for n in sorted({14, settings.num_frames})]
     cases += [("steps", {"num_inference_steps": n}) for n in (max(2, settings.num_inference_steps // 2),)]
     for name, change in cases:
-        gen = VideoGenerator(dict(parts), device, speedups)
-        s = replace(settings, **change, decode_chunk_size=min(settings.decode_chunk_size, change.get("num_frames", 99)))
-        r = run_once(gen, image, s)
+        gen = VideoGenerator(fresh(parts), device, speedups)
+        chunk = min(settings.decode_chunk_size, change.get("num_frames", 99))
+        r = run_once(gen, image, settings.model_copy(update={**change, "decode_chunk_size": chunk}))
         rows.append({"vary": name, **change, "height": h, "width": w, "seconds": r["seconds"],
                      "unet_steps_s": r["phases"]["unet_steps"]})
-        undo(gen, parts, speedups, device)
+        gen = None
+        forget(device)
     for scale in (0.5,):
         small = image[: int(h * scale) // 64 * 64, : int(w * scale) // 64 * 64]
-        gen = VideoGenerator(dict(parts), device, speedups)
+        gen = VideoGenerator(fresh(parts), device, speedups)
         r = run_once(gen, np.ascontiguousarray(small), settings)
         rows.append({"vary": "resolution", "height": small.shape[0], "width": small.shape[1],
                      "seconds": r["seconds"], "unet_steps_s": r["phases"]["unet_steps"]})
-        undo(gen, parts, speedups, device)
+        gen = None
+        forget(device)
     for row in rows:
         print("sweep", row, flush=True)
     return rows
@@ -579,11 +567,18 @@ def startup_phases(log: str) -> dict:
 # ---------------------------------------------------------------- report
 
 
-def environment(device) -> dict:
+def command(module: str, argv: list[str] | None) -> str:
+    """How to run it again: `python -m <module> <its arguments>` (sys.argv under -m names
+    the file instead)."""
+    return shlex.join(["python", "-m", module, *(sys.argv[1:] if argv is None else argv)])
+
+
+def environment(device, argv: list[str] | None = None) -> dict:
     import diffusers
 
     env = {"python": platform.python_version(), "torch": torch.__version__,
-           "diffusers": diffusers.__version__, "device": str(device), "command": " ".join(sys.argv)}
+           "diffusers": diffusers.__version__, "device": str(device),
+           "command": command("benchmarks.bench", argv)}
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
         env["cuda"] = torch.version.cuda
@@ -668,7 +663,9 @@ def main(argv=None) -> int:
                         help="GPU: force a real CUDA out-of-memory in the server and check it recovers")
     parser.add_argument("--ready-timeout", type=float, default=900)
     parser.add_argument("--out", type=Path, default=Path("bench.json"))
-    parser.add_argument("--docs", type=Path, default=None, help="write the table into this markdown file")
+    parser.add_argument("--markdown", "--docs", type=Path, nargs="?", const=True, default=None,
+                        metavar="PATH", help="also write the table and the command as markdown "
+                        "(default path: --out's, ending in .md)")
     args = parser.parse_args(argv)
     # Killed by `timeout` or a scheduler: stop the way Ctrl+C does, so the server being
     # timed (in a process group of its own) is stopped too and the numbers so far are kept.
@@ -687,7 +684,7 @@ def main(argv=None) -> int:
     # One compile cache for the pipeline modes and the server: a fresh one unless given.
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="bentosvd-inductor-"))
 
-    result = {"environment": environment(device), "model": args.model}
+    result = {"environment": environment(device, argv), "model": args.model}
     if not args.server_only:
         result["pipeline"] = bench_pipeline(args, device, dtype, save=lambda r: save(args.out, {**result, "pipeline": r}))
         save(args.out, result)
@@ -696,8 +693,9 @@ def main(argv=None) -> int:
         save(args.out, result)
     report = table(result)
     print(report)
-    if args.docs:
-        write_docs(args.docs, result, report)
+    if args.markdown:
+        path = args.out.with_suffix(".md") if args.markdown is True else args.markdown
+        write_markdown(path, result, report)
     return 0
 
 
@@ -706,13 +704,18 @@ def save(path: Path, result: dict) -> None:
     path.write_text(json.dumps(result, indent=2, default=str))
 
 
-def write_docs(path: Path, result: dict, report: str) -> None:
+def write_markdown(path: Path, result: dict, report: str) -> None:
+    """The run as a results file: what ran where, the command, then the table. Kept beside
+    its JSON in benchmarks/results/ when the journal cites the run."""
     env = result["environment"]
-    section = (f"## {result['model']} model on {env.get('gpu', 'CPU')}\n\n"
-               f"`{env['command']}` — torch {env['torch']}, diffusers {env['diffusers']}, "
-               f"{json.dumps(result['pipeline']['settings'])}, {result['pipeline']['height']}×"
-               f"{result['pipeline']['width']}\n\n{report}\n")
-    path.write_text(section)
+    lines = [f"# {result['model']} model on {env.get('gpu', 'CPU')}", "",
+             f"    {env['command']}", "",
+             f"torch {env['torch']}, diffusers {env['diffusers']}, Python {env['python']}"]
+    if "pipeline" in result:
+        pipeline = result["pipeline"]
+        lines[-1] += (f"; {pipeline['height']}×{pipeline['width']}, "
+                      f"{json.dumps(pipeline['settings'])}")
+    path.write_text("\n".join(lines) + f"\n\n{report}\n")
 
 
 if __name__ == "__main__":

@@ -158,17 +158,17 @@ class Settings(BaseSettings):
     fp8: bool = Field(
         False, description="FP8 matmuls in the UNet's transformer blocks (torchao; GPUs of "
         "compute capability 8.9+, with the fast path): faster, output deviates more than fp16 "
-        "rounding (see docs/BENCHMARKS.md).",
+        "rounding (see docs/performance.md).",
     )
     step_cache: int = Field(
         0, ge=0, le=10, description="Step caching: run the whole UNet every N-th denoising step "
         "and only its outermost level in between (N 2-10; 0: off). Faster, and the video "
-        "changes (see docs/BENCHMARKS.md).",
+        "changes (see docs/performance.md).",
     )
     step_cache_layers: int = Field(
         0, ge=0, le=3, description="With STEP_CACHE: the steps between run only this many "
         "layers of the UNet's outermost level (1-3, as every SVD variant's UNet has 3; 0: "
-        "all of it). Fewer: faster, and the video changes more (see docs/BENCHMARKS.md).",
+        "all of it). Fewer: faster, and the video changes more (see docs/performance.md).",
     )
     warmup: list[Literal["landscape", "portrait"]] = Field(
         ["landscape", "portrait"],
@@ -186,7 +186,8 @@ class Settings(BaseSettings):
     def _step_cache_rules(self) -> Settings:
         problem = step_cache_problem(self.step_cache, self.step_cache_layers)
         if problem:
-            raise ValueError(problem.replace("step_cache", "STEP_CACHE"))
+            raise ValueError(problem.replace("step_cache_layers", "STEP_CACHE_LAYERS")
+                             .replace("step_cache", "STEP_CACHE"))
         return self
 
     @property

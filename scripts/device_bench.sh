@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU ("device") machine, from the repo root with .whl/ carried (scripts/device_wheels.sh):
 #   source scripts/device_bench.sh && python3 -m benchmarks.bench ...
+#   source scripts/device_bench.sh && python3 -m benchmarks.probes.fallback --out $OUT/fallback.json
 # installs the carried wheels once per machine and sets the environment the benchmark runs in.
 # Installed as pip installs the Bento's requirements, byte-compiled: after a --no-compile
 # install, a restart's log (run q) still showed torchao's sources being compiled on import,

@@ -21,6 +21,14 @@ ROOT = Path(__file__).resolve().parent.parent
 # tests/gpu needs a CUDA GPU: `make test-gpu` sets BENTOSVD_GPU_TESTS; elsewhere (CI) it is
 # not collected at all rather than skipped test by test.
 collect_ignore = [] if os.environ.get("BENTOSVD_GPU_TESTS") else ["gpu"]
+
+
+def pytest_collection_modifyitems(items):
+    """Tests that start a real server (or build the model store it serves) are marked
+    `server`, so that `make test-unit` can leave them out; `make test` runs everything."""
+    for item in items:
+        if {"server_factory", "bentoml_home"} & set(item.fixturenames):
+            item.add_marker(pytest.mark.server)
 BIN = Path(sys.executable).parent
 
 
@@ -87,8 +95,9 @@ def demo_env(bentoml_home: Path, **env: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def start_server(bentoml_home, tmp_path_factory):
-    """Start servers with the demo model: `start_server(args, **env)`; all stop at the end."""
+def server_factory(bentoml_home, tmp_path_factory):
+    """Start servers with the demo model: `server_factory(args, **env)`. They run until the
+    session ends: for servers that several tests share (module or session fixtures)."""
     servers = []
 
     def start(args=("service:svc",), cwd=ROOT, wait=True, **env) -> Server:
@@ -105,6 +114,23 @@ def start_server(bentoml_home, tmp_path_factory):
         server.stop()
 
 
+@pytest.fixture
+def start_server(server_factory):
+    """Start a server of this test's own: `start_server(args, **env)`; it stops when the
+    test ends, so that finished tests' servers do not take the CPU from the next ones."""
+    servers = []
+
+    def start(*args, wait=True, **kwargs) -> Server:
+        servers.append(server := server_factory(*args, wait=False, **kwargs))
+        if wait:
+            server.wait_ready()
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
 @pytest.fixture(scope="session")
 def server_tmp(tmp_path_factory) -> Path:
     """The main server's TMPDIR, so tests can see whether requests leave files behind."""
@@ -112,9 +138,10 @@ def server_tmp(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def server(start_server, server_tmp) -> Server:
-    """The demo service as `make serve` runs it (BENTOML_CONFIG set)."""
-    return start_server(BENTOML_CONFIG=str(ROOT / "bentoml_configuration.yaml"), TMPDIR=str(server_tmp))
+def server(server_factory, server_tmp) -> Server:
+    """The demo service as `make serve` runs it (BENTOML_CONFIG set), shared by the tests
+    that do not disturb each other."""
+    return server_factory(BENTOML_CONFIG=str(ROOT / "bentoml_configuration.yaml"), TMPDIR=str(server_tmp))
 
 
 def make_image(path: Path, size=(800, 600), mode="RGB", fmt="PNG", seed=0) -> Path:

@@ -68,10 +68,14 @@ def test_build_gives_tagged_bento(bento):
 
 def test_bento_has_code_models_and_pinned_requirements(bento):
     src = bento.path / "src"
-    for name in ["service.py", "worker.py", "config.py", "model_store.py", "import_model.py", "request_guard.py",
-                 "bentoml_configuration.yaml"]:
+    for name in ["service.py", "config.py", "import_model.py", "bentoml_configuration.yaml"]:
         assert (src / name).is_file(), name
-    assert {p.name for p in (src / "bentosvd").glob("*.py")} == {p.name for p in (ROOT / "bentosvd").glob("*.py")}
+    package = {p.relative_to(ROOT).as_posix() for p in (ROOT / "bentosvd").rglob("*.py")}
+    assert {p.relative_to(src).as_posix() for p in (src / "bentosvd").rglob("*.py")} == package
+    assert {p.name for p in (src / "bentosvd" / "client" / "ui").iterdir()} == {
+        p.name for p in (ROOT / "bentosvd" / "client" / "ui").iterdir()}
+    # Benchmarks, tests and docs stay out of the Bento.
+    assert not any((src / name).exists() for name in ("benchmarks", "tests", "docs", "scripts"))
     # Every module of the repo that the service's code imports travels with it.
     for module in src.glob("*.py"):
         for name in re.findall(r"^(?:from|import) (\w+)", module.read_text(), re.M):
@@ -143,10 +147,12 @@ def test_containerize_builds_with_the_models_in_the_context(bento, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def served(bento, start_server, tmp_path_factory):
+def served(bento, server_factory, tmp_path_factory):
     """The built Bento served by name, from a directory with none of the repo in it."""
-    return start_server(args=["svd-service:latest"], cwd=tmp_path_factory.mktemp("elsewhere"),
-                        PYTHONPATH="")
+    server = server_factory(args=["svd-service:latest"], cwd=tmp_path_factory.mktemp("elsewhere"),
+                            PYTHONPATH="")
+    yield server
+    server.stop()
 
 
 def test_built_bento_answers_the_blog_curl(served, test_image, tmp_path):
@@ -284,7 +290,8 @@ def test_manifests_agree_with_the_service_and_the_image(bento):
 
 
 def service_gauges() -> set[str]:
-    return set(re.findall(r'bentoml\.metrics\.Gauge\(\s*name="(\w+)"', (ROOT / "service.py").read_text()))
+    source = (ROOT / "bentosvd" / "metrics.py").read_text()
+    return set(re.findall(r'bentoml\.metrics\.Gauge\(\s*name="(\w+)"', source))
 
 
 def test_hpa_metric_is_exported_by_the_served_bento(served):

@@ -3,7 +3,7 @@
 This machine has no GPU, so the compiled kernels here are Inductor's CPU ones; what is
 tested is the service's handling: /readyz waits for the warm-up, a warmed shape runs
 without compiling again, a shape that was not warmed runs eagerly instead of compiling
-inside the request. GPU speed is the benchmark's business (docs/BENCHMARKS.md).
+inside the request. GPU speed is the benchmark's business (docs/journal.md).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 the CPU with the demo parts: every compiled block then returns channels-last, ahead of
 time or in the process, and all but the two fed by conv_in get it; a restart loads its
 own files (not the NCHW blocks'); a shape not warmed up runs eagerly in NCHW; and the
-video is the same within rounding. Its speed is measured on a GPU (docs/BENCHMARKS.md,
+video is the same within rounding. Its speed is measured on a GPU (docs/journal.md,
 2026-11-28 runs q, u and v)."""
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def test_the_nchw_blocks_files_are_not_taken_for_them(tmp_path):
 def test_a_shape_not_warmed_up_runs_eagerly_in_nchw(tmp_path):
     """The fallback for a shape the warm-up left out runs the blocks eagerly; there the
     layout stays NCHW, as eager runs fastest (channels-last eager blocks made a step 12%
-    slower: docs/BENCHMARKS.md, H200 run t)."""
+    slower: docs/journal.md, H200 run t)."""
     gen = warmed(build_demo(4), tmp_path, CHANNELS_LAST)
     built = dict(gen.saved_regions.counts)
     seen = record_layouts(gen.pipe.unet)
@@ -129,7 +129,7 @@ def test_blocks_compiled_in_process_return_channels_last_too():
     unet = build_demo(4)["unet"]
     unet(torch.randn(1, 4, 8, 8, 8), torch.tensor(10.0), torch.randn(1, 1, 32), torch.randn(1, 3))
     torch._dynamo.reset()
-    compile_regions(unet, UNET_REGIONS, None, channels_last=True)
+    compile_regions(unet, UNET_REGIONS, channels_last=True)
     seen = record_layouts(unet)
     unet(torch.randn(1, 4, 8, 8, 8), torch.tensor(10.0), torch.randn(1, 1, 32), torch.randn(1, 3))
     assert seen and all(out for _, out in seen)

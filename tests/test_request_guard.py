@@ -292,7 +292,7 @@ def proxy():
 
 
 @pytest.fixture(scope="module")
-def guarded(start_server, proxy, tmp_path_factory):
+def guarded(server_factory, proxy, tmp_path_factory):
     proxy_url = f"http://127.0.0.1:{proxy.server_address[1]}"
     pythonpath = str(ROOT)
     if importlib.util.find_spec("uvloop") is None:
@@ -304,12 +304,14 @@ def guarded(start_server, proxy, tmp_path_factory):
             "import asyncio\nLoop = asyncio.BaseEventLoop\nnew_event_loop = asyncio.new_event_loop\n"
             "EventLoopPolicy = asyncio.DefaultEventLoopPolicy\ndef install(): pass\n")
         pythonpath += os.pathsep + str(shim)
-    return start_server(
+    server = server_factory(
         BENTOML_CONFIG=str(ROOT / "bentoml_configuration.yaml"), MAX_UPLOAD_BYTES=str(MAX_UPLOAD),
         PYTHONPATH=pythonpath, HTTP_PROXY=proxy_url, http_proxy=proxy_url,
         HTTPS_PROXY=proxy_url, https_proxy=proxy_url,
         NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost",  # the API → worker calls
     )
+    yield server
+    server.stop()
 
 
 @pytest.mark.parametrize("content_type, body, status, field", REFUSED)

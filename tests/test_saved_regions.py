@@ -6,7 +6,7 @@ the dispatch are the same code as on a GPU: a block is compiled once per configu
 and input shape, a new process loads the files without tracing anything, other weights
 of the same architecture use the same files and get their own output, a damaged file is
 compiled again, shapes not warmed run eagerly, and a block that cannot be saved is
-compiled in-process instead. GPU timings are the benchmark's (docs/BENCHMARKS.md).
+compiled in-process instead. GPU timings are the benchmark's (docs/journal.md).
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import torch
 
 from bentosvd.protocol import GenerationSettings
 from bentosvd.svd import compiled_blocks
-from bentosvd.svd.accel.channels_last import use_channels_last_weights
 from bentosvd.svd.accel.cross_attention import (
     remove_single_token_cross_attention,
     use_single_token_cross_attention,
@@ -183,25 +182,8 @@ def test_a_file_is_per_block_configuration():
     # So does the weights' memory layout, which the saved guards check (strides).
     resnet = next(b for b in blocks if type(b).__name__ == "SpatioTemporalResBlock")
     before = compiled_blocks._structure(resnet)
-    use_channels_last_weights(resnet)
+    resnet.to(memory_format=torch.channels_last)
     assert compiled_blocks._structure(resnet) != before
-
-
-def test_weights_in_another_layout_get_files_of_their_own(cache, eager_frames, tmp_path, caplog):
-    """Channels-last convolution weights (`Speedups.channels_last`) fail the guards of files
-    compiled for NCHW ones: they are compiled into files of their own instead of loading
-    those, being rejected and replacing them (as a benchmark run on an H200 found,
-    2026-11-28 run x), so the two never undo each other's files."""
-    caplog.set_level(logging.WARNING, logger="bentoml.svd")
-    both = tmp_path / "saved"
-    shutil.copytree(cache, both)
-    gen = warmed(build_demo(4), both, replace(SAVED, channels_last=True))
-    assert "could not load" not in caplog.text
-    counts = dict(gen.saved_regions.counts)
-    assert counts.get("compiled", 0) >= 1 and "in_process" not in counts, counts
-    assert set(files(cache)) < set(files(both))  # the NCHW files are still there, unchanged
-    assert all((both / name).read_bytes() == (cache / name).read_bytes() for name in files(cache))
-    assert_close(gen.generate(IMAGE, SETTINGS), eager_frames)
 
 
 def test_the_fast_path_saves_its_blocks_only_where_it_has_a_cache(tmp_path):
@@ -212,10 +194,6 @@ def test_the_fast_path_saves_its_blocks_only_where_it_has_a_cache(tmp_path):
     assert without.saved_regions is None  # compiled in-process, block by block
     blocks = [m for m in without.pipe.unet.modules() if type(m).__name__ in UNET_REGIONS]
     assert all(m._compiled_call_impl is not None for m in blocks)
-    # CUDA graphs stay in the process that recorded them: those blocks compile in-process.
-    graphs = VideoGenerator(build_demo(4), torch.device("cpu"), replace(Speedups.fast(), cuda_graphs=True),
-                            tmp_path)
-    assert graphs.saved_regions is None
 
 
 def test_a_call_its_guards_reject_runs_eagerly(cache, eager_frames, caplog):

@@ -2,7 +2,7 @@
 temporal self-attention layer of SVD's UNet gets it and nothing else does, SDPA then tries
 the memory-efficient kernel first, it survives compiling ahead of time, and where that
 kernel cannot run (this CPU) the output is what it was. Its speed is measured on a GPU
-(docs/BENCHMARKS.md, run z): this machine has none of the kernels it chooses between."""
+(docs/journal.md, run z): this machine has none of the kernels it chooses between."""
 
 from __future__ import annotations
 

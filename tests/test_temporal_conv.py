@@ -2,7 +2,7 @@
 frames-only Conv3d of SVD's UNet and temporal decoder becomes a FrameConv and nothing else
 does, it computes what the Conv3d computes whatever the input's layout, the windows are
 read in place, it compiles ahead of time with the blocks, and the video stays the same.
-Its speed is measured on a GPU (docs/BENCHMARKS.md, 2026-11-28 runs m-o): what it saves
+Its speed is measured on a GPU (docs/journal.md, 2026-11-28 runs m-o): what it saves
 is cuDNN's layout transposes, which this CPU does not run."""
 
 from __future__ import annotations

@@ -239,7 +239,7 @@ def test_webm_crf_trades_size_for_quality():
 def test_mp4_through_encode_video_is_encode_mp4():
     # At the demo's size: encodes of a clip as small as clip()'s default (48x64) differ now
     # and then when the CPU is busy (1 in 200 with torch working in another thread; this
-    # test failed so in CI, 2026-11-28), as docs/BENCHMARKS.md's run c found for 48x64 clips.
+    # test failed so in CI, 2026-11-28), as docs/journal.md's run c found for 48x64 clips.
     frames = clip(4, 144, 256)
     assert encode_video(frames, 7, crf=23) == encode_mp4(frames, 7, crf=23)
 

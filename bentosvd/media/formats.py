@@ -39,8 +39,8 @@ GIF and WebP loop forever; a single frame makes a still WebP."""
 MAX_INTERPOLATED_FPS = 60
 """Highest frame rate interpolate() makes: each added frame costs a motion search."""
 
-# libx264's speed presets, fastest first. The server's default is veryfast: on 25 frames of
-# 1024x576 it encodes about 1.7x faster than medium at the same crf, with a file of about
-# the same size and 0.5 dB less PSNR (measured on 2 CPU cores).
+# libx264's speed presets, fastest first. The server's default is veryfast: much faster
+# than medium at the same crf, for a file of about the same size and slightly lower quality
+# (docs/performance.md, streaming encode).
 X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow",
                 "slower", "veryslow")

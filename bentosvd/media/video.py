@@ -91,8 +91,8 @@ def encode_chunks(chunks: Iterable[np.ndarray], shape: tuple[int, ...], fps: int
                     {"crf": str(crf), "preset": preset}, {"movflags": "+faststart"})
     if fmt == "webm":
         # b=0 makes crf the only target (constant quality). deadline=good with cpu-used=5 is
-        # the fast end of libvpx's good-quality mode: half the time of cpu-used=4 here, at
-        # no bigger size; row-mt lets several threads share each frame.
+        # the fast end of libvpx's good-quality mode: faster than cpu-used=4 for no bigger
+        # file; row-mt lets several threads share each frame.
         options = {"crf": str(crf), "b": "0", "deadline": "good", "cpu-used": "5", "row-mt": "1"}
         return _mux("webm", "libvpx-vp9", "yuv420p", _bt709(frames), shape, fps, options)
     if fmt == "gif":
@@ -100,7 +100,7 @@ def encode_chunks(chunks: Iterable[np.ndarray], shape: tuple[int, ...], fps: int
         return _mux("gif", "gif", "pal8", _paletted(frames, shape, fps), shape, fps, {},
                     {"loop": "0"})
     # libwebp (not libwebp_anim): the webp muxer then times each frame from its pts, which
-    # keeps the clip's total exact; libwebp_anim's own timing was 1 ms short. RGB goes in
+    # keeps the clip's total exact; libwebp_anim's own timing came out short. RGB goes in
     # as-is (bgra), so libwebp converts it with WebP's own matrix. The muxer's default
     # loop is 1 (play once).
     rgb = (av.VideoFrame.from_ndarray(f, format="rgb24").reformat(format="bgra")
@@ -158,8 +158,9 @@ def interpolate(frames: np.ndarray, fps: int, target_fps: int) -> np.ndarray:
     input frame to the last, so (F-1)*target_fps // fps + 1 frames; it plays
     1/fps - 1/target_fps s shorter than the input, as nothing follows the last frame.
     Where j/target_fps is an input frame's time (every k-th frame when target_fps = k*fps)
-    the input frame itself is returned. Each new 576x1024 frame costs about
-    0.2 s of motion search on a quiet 2-core CPU: 25 frames from 7 to 28 fps take ~15 s.
+    the input frame itself is returned. The motion search runs on the CPU and costs
+    time for every added frame, seconds per clip at full size (docs/performance.md, per
+    request: steps, frames and size).
 
     `target_fps` is any integer from fps to MAX_INTERPOLATED_FPS (equal to fps, or a single
     frame: the frames come back unchanged). Frames under 32 px a side are edge-padded
@@ -330,7 +331,7 @@ def _paletted(frames: Iterable[np.ndarray], shape: tuple[int, ...],
     palettegen sees the whole clip before paletteuse maps the first frame, so the frames
     wait in the graph (about one more copy of the clip in memory). Bayer dithering is a
     fixed pattern: unlike error diffusion it does not crawl from frame to frame, which
-    keeps the GIF smaller and was twice as fast here.
+    keeps the GIF smaller, and it is quicker to apply.
     """
     _, h, w, _ = shape
     graph = av.filter.Graph()

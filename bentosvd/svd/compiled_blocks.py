@@ -1,12 +1,11 @@
 """The UNet's blocks and the VAE's decoder compiled ahead of time and kept on disk.
 
 Compiled block by block (`compile_regions`), a restart still traces every block (and the
-decoder) again with Dynamo while Inductor's cache hands back the kernels: 14-18 s per
-image orientation on H100 and H200 machines, half of a restart. torch.compile's
+decoder) again with Dynamo for each image orientation while Inductor's cache hands back
+the kernels, and that tracing is a large share of a restart. torch.compile's
 `aot_compile` instead captures a block's forward once (Dynamo's bytecode and guards with
-Inductor's compiled code) into a file that a new process loads without tracing: both
-orientations then warmed up in 14.5-15.3 s on an H100 (runs u, v), where tracing them took
-32 s on an H200 (run q; docs/BENCHMARKS.md).
+Inductor's compiled code) into a file that a new process loads without tracing, so a
+restart's warm-ups mostly just run (docs/performance.md, saved compiled blocks).
 
 One file per block class, block configuration and input shapes: blocks of one class and
 configuration share it, as their compiled code is the same; the weights are not in it
@@ -267,15 +266,15 @@ def region_forward(block: torch.nn.Module, channels_last: bool) -> Callable:
     return channels_last_output(own) if channels_last else own
 
 
-def compile_regions(model: torch.nn.Module, class_names: tuple[str, ...], mode: str | None,
+def compile_regions(model: torch.nn.Module, class_names: tuple[str, ...],
                     channels_last: bool = False) -> None:
     """torch.compile each block of these classes on its own (with `channels_last`, its
-    output made channels-last: `bentosvd.svd.accel.channels_last`). Dynamo keeps one compiled version per
-    (class, input shapes), shared by the blocks that match it; SVD's UNet needs a few
-    dozen of them for two image shapes, more than Dynamo's default limit of 8 per
-    function, after which it would silently run the rest eagerly."""
+    output made channels-last: `bentosvd.svd.accel.channels_last`). Dynamo keeps one
+    compiled version per (class, input shapes), shared by the blocks that match it; SVD's
+    UNet needs a few dozen of them for two image shapes, more than Dynamo's default limit
+    of 8 per function, after which it would silently run the rest eagerly."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 128)
     for module in model.modules():
         if type(module).__name__ in class_names:
             module.forward = types.MethodType(region_forward(module, channels_last), module)
-            module.compile(dynamic=False, mode=mode)
+            module.compile(dynamic=False)

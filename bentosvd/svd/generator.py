@@ -20,10 +20,8 @@ from diffusers.models.unets.unet_spatio_temporal_condition import (
     UNetSpatioTemporalConditionOutput,
 )
 from PIL import Image
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bentosvd.protocol import GenerationSettings
-from bentosvd.svd.accel.channels_last import use_channels_last_weights
 from bentosvd.svd.accel.cross_attention import use_single_token_cross_attention
 from bentosvd.svd.accel.fp8 import quantize_fp8
 from bentosvd.svd.accel.temporal_attention import use_efficient_temporal_attention
@@ -56,19 +54,16 @@ class VideoGenerator:
         if speedups.frame_conv:
             use_frame_conv(unet)
             use_frame_conv(vae)
-        if speedups.channels_last:
-            use_channels_last_weights(unet)
-            use_channels_last_weights(vae)
         if speedups.fp8:
             quantize_fp8(unet, device)
-        # dynamic=False: each image orientation gets kernels of its own fixed shape; letting
-        # the second shape turn the graph dynamic gives slower kernels to both.
-        mode = "reduce-overhead" if speedups.cuda_graphs else None
+        # dynamic=False in every compile below: each image orientation gets kernels of its
+        # own fixed shape; letting the second shape turn the graph dynamic gives slower
+        # kernels to both.
         regions = speedups.compile_unet and speedups.compile_regions
         self.saved_regions = None
-        # Not with CUDA graphs (their graphs stay in the process) nor with torchao's FP8
-        # tensors (never tried through aot_compile): those compile in-process, as measured.
-        saved = speedups.save_compiled and not (speedups.cuda_graphs or speedups.fp8)
+        # Not with torchao's FP8 tensors (never tried through aot_compile): those compile
+        # in-process.
+        saved = speedups.save_compiled and not speedups.fp8
         if regions and saved and cache_dir is not None:
             blocks = [m for m in unet.modules() if type(m).__name__ in UNET_REGIONS]
             if speedups.compile_vae:
@@ -80,7 +75,7 @@ class VideoGenerator:
                 forward_of=lambda block: region_forward(
                     block, speedups.channels_last_blocks and block is not vae.decoder))
         elif regions:
-            compile_regions(unet, UNET_REGIONS, mode, channels_last=speedups.channels_last_blocks)
+            compile_regions(unet, UNET_REGIONS, channels_last=speedups.channels_last_blocks)
         whole = speedups.compile_unet and not speedups.compile_regions
         self.step_cache = None
         if speedups.step_cache:
@@ -88,7 +83,7 @@ class VideoGenerator:
             self.step_cache = StepCache(unet, speedups.step_cache, compile=whole,
                                         layers=speedups.step_cache_layers)
         elif whole:
-            unet.compile(dynamic=False, mode=mode)
+            unet.compile(dynamic=False)
         if speedups.compile_vae and self.saved_regions is None:
             vae.decoder.compile(dynamic=False)
         if speedups.low_memory and device.type == "cuda":
@@ -145,7 +140,7 @@ class VideoGenerator:
 
         frames = settings.num_frames
         unet_shape = ("unet", frames, height, width)
-        with self._attention_backends(), self._compiled_for({unet_shape}), self._fresh_step_cache():
+        with self._compiled_for({unet_shape}), self._fresh_step_cache():
             latents = self.pipe(
                 Image.fromarray(image), height=height, width=width, num_frames=frames,
                 num_inference_steps=settings.num_inference_steps,
@@ -203,7 +198,7 @@ class VideoGenerator:
         denoising step with guidance, as a request runs it (two with the step cache: a
         whole and a shallow one). When the VAE's decoder is compiled too, it decodes one
         frame, as every call of a request at decoding_t 1 (the default) does; decoding
-        all the frames would only repeat that call (about 1 s at full size)."""
+        all the frames would only repeat that call."""
         settings = GenerationSettings(
             num_frames=num_frames, num_inference_steps=2 if self.step_cache else 1,
             min_guidance_scale=1.0, max_guidance_scale=2.0, fps=7, motion_bucket_id=127,
@@ -228,20 +223,13 @@ class VideoGenerator:
 
     @contextlib.contextmanager
     def _fresh_step_cache(self):
-        """What a generation kept (hundreds of MB of features at full size) is dropped
-        when it ends, stopped or not, so the next one starts with nothing kept."""
+        """What a generation kept (the step cache's deep feature, large at full size) is
+        dropped when it ends, stopped or not, so the next one starts with nothing kept."""
         try:
             yield
         finally:
             if self.step_cache is not None:
                 self.step_cache.reset()
-
-    def _attention_backends(self) -> contextlib.AbstractContextManager:
-        if not (self.speedups.cudnn_attention and self.device.type == "cuda"):
-            return contextlib.nullcontext()
-        order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
-                 SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-        return sdpa_kernel(order, set_priority=True)
 
 
 class PhaseTimer:

@@ -54,7 +54,7 @@ def load_parts(pipeline_dir: Path, image_encoder_dir: Path, device: torch.device
                dtype: torch.dtype) -> dict:
     """Load the parts saved by `save_parts` (or placed by the hub download) onto `device`.
     Into CPU memory first, then copied: reading the files straight onto the GPU
-    (device_map) measured no faster (1.6-2.0 s against 1.4-1.5 s for SVD-XT, H100)."""
+    (device_map) was no faster (docs/journal.md, 2026-11-27)."""
     pipeline_dir, image_encoder_dir = Path(pipeline_dir), Path(image_encoder_dir)
     # The vae is either SVD's temporal decoder or, for *_image_decoder, a frame-wise
     # AutoencoderKL: its config names the class.

@@ -10,10 +10,11 @@ measures by how much), so this is never on by default.
 `layers` moves the kept feature further out, as DeepCache's choice of branch does: the
 steps between then run only the last `layers` layers of the last up block (and, for the
 skip connections those take, conv_in and the first `layers - 1` layers of the first down
-block). SVD's outermost level, with its 9216-token attention at 576x1024, is about half
-of a whole step's work, so a shallow step of all of it saves only half a step; with
-`layers=1` it is conv_in, one layer and conv_out. Fewer layers: faster, and the video
-changes more. 0 (the default): the whole outermost level.
+block). SVD's outermost level, with its 9216-token attention at 576x1024, is much of a
+whole step's work, so a shallow step that runs all of it saves only part of a step
+(docs/performance.md, STEP_CACHE and STEP_CACHE_LAYERS); with `layers=1` it is conv_in,
+one layer and conv_out. Fewer layers: faster, and the video changes more. 0 (the
+default): the whole outermost level.
 
 `StepCache` replaces the UNet's `forward` on the instance: diffusers' pipeline calls the
 UNet once per denoising step (conditional and unconditional halves in one batch), so the

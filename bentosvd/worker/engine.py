@@ -54,6 +54,10 @@ class Frames:
 
 
 def speedups_for(settings, device: str) -> Speedups:
+    """The speed-ups the settings ask for on `device`: LOW_MEMORY's, the fast path's (by
+    default on a CUDA device) or none, with the step cache as set. Choosing the fast path
+    also points torch's compile cache at COMPILE_CACHE_DIR, so call it before torch
+    compiles anything."""
     on_gpu = device.startswith("cuda")
     if settings.low_memory:
         speedups = Speedups.low_memory_mode()

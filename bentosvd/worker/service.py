@@ -1,9 +1,10 @@
 """The GPU side of BentoSVD: `GenerationWorker`, one BentoML service per GPU.
 
-Each holds an `Engine` (bentosvd/worker/engine.py: the SVD pipeline on its device, compiled before
-`/readyz` turns 200, one generation at a time), streams its progress to the API service
-(`service.py`), stops a generation whose deadline passed or whose caller left, and encodes
-the video once the GPU is free for the next request.
+Each holds an `Engine` (bentosvd/worker/engine.py: the SVD pipeline on its device,
+compiled before `/readyz` turns 200, one generation at a time), streams its progress to
+the API service (`service.py` at the repository root), stops a generation whose deadline
+passed or whose caller left, and encodes the video once the GPU is free for the next
+request.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ from bentosvd.weights.store import find_models
 
 # While the worker encodes one video (FFmpeg threads) it already generates the next. On a CPU
 # device, torch's OpenMP threads by default spin for a while after each parallel region and
-# take the cores the encoder needs: on a busy 2-core machine the demo's denoising, 1.4 s
-# alone, took 3-44 s beside an encode, and 1.3-2.4 s with PASSIVE (threads sleep at once).
+# take the cores the encoder needs, slowing the denoising many times over on a small
+# machine; with PASSIVE they sleep at once (docs/journal.md, 2026-11-28, OMP_WAIT_POLICY).
 # Unloaded it is as fast either way, and on a GPU torch's own CPU threads barely run. It must
 # be set before torch loads, which is in GenerationWorker's import of the engine; a value
 # set by the user wins.

@@ -25,13 +25,13 @@ def quantize_fp8(unet: torch.nn.Module, device: torch.device) -> None:
         return (isinstance(module, torch.nn.Linear) and "transformer_blocks" in name
                 and module.in_features % 16 == 0 and module.out_features % 16 == 0)
 
-    # torchao's per-row scales take bfloat16 weights only (an fp16 UNet failed with
-    # "PerRow quantization only works for bfloat16" on the H100): one scale per tensor there.
+    # torchao's per-row scales take bfloat16 weights only (an fp16 UNet fails with
+    # "PerRow quantization only works for bfloat16"): one scale per tensor there.
     granularity = PerRow() if unet.dtype == torch.bfloat16 else PerTensor()
     # set_inductor_config=False: by default torchao turns on Inductor's coordinate-descent
-    # tuning for the whole process, which benchmarks every kernel while compiling: the
-    # UNet's first level alone then took 209 s to compile instead of the whole UNet's ~100 s
-    # (H100, docs/bench/fp8_probe.py), fp16 graphs as much as FP8 ones.
+    # tuning for the whole process, which benchmarks every kernel while compiling, fp16
+    # graphs as much as FP8 ones: the warm-up then never finished compiling the UNet
+    # (docs/journal.md, 2026-11-27, FP8 with the compiled UNet).
     config = Float8DynamicActivationFloat8WeightConfig(granularity=granularity,
                                                        set_inductor_config=False)
     quantize_(unet, config, filter_fn=in_transformer)

@@ -3,12 +3,10 @@
 Each temporal layer attends over the frames (25 for SVD-XT) at every position of the
 latent: 18432 sequences of 25 tokens at 72x128 with guidance. cuDNN's fused attention,
 which torch tries first on Hopper and which is the fastest for the spatial layers' long
-sequences (453-470 TFLOP/s at 9216 and 2304 tokens on an H100, against 288-315 for
-FlashAttention 2), pads each of these short sequences to its large tiles. The
-memory-efficient kernel's smaller tiles waste less: the 16 temporal self-attention layers
-of a guided step took 9.2 ms instead of 14.0 ms, and the whole step, compiled block by
-block, 436.5 ms instead of 440.8 ms (H100, run z; docs/bench/attention_probe.py,
-docs/BENCHMARKS.md): about 0.11 s a request.
+sequences (faster there than FlashAttention 2), pads each of these short sequences to
+its large tiles. The memory-efficient kernel's smaller tiles waste less, so the temporal
+layers prefer it and the spatial ones keep cuDNN's (docs/performance.md, efficient
+temporal attention).
 
 `TemporalAttention` runs the layer's own processor with that kernel first in SDPA's
 order; where it cannot run (on the CPU, say) torch takes the next one that can, as

@@ -8,12 +8,11 @@ temporal decoder mixes neighbouring frames with a `Conv3d` whose kernel spans fr
 torch.compile's Inductor keeps 2-D convolutions in channels-last (NHWC), the layout cuDNN's
 fp16 kernels run in, but gives a 3-D convolution its input's layout (only 2-D convolutions
 are converted; see `torch/_inductor/kernel/conv.py`), and cuDNN then transposes each 3-D
-convolution's input and weight to channels-last and its output back: 152 transposes,
-16.8 ms of the 426 ms of kernels in a guided step (H100, 2026-11-28 run n). Computed as
-the 2-D convolution it also is (a (3, 1) kernel over [batch, channels, frames,
-height * width]), the layer is converted to channels-last like the others: the
-transposes went (3.1 ms left), but the convolutions and the fused norm kernels around
-them, now channels-last too, took 23 ms more (run m).
+convolution's input and weight to channels-last and its output back, on every call.
+Computed as the 2-D convolution it also is (a (3, 1) kernel over [batch, channels,
+frames, height * width]), the layer would be converted to channels-last like the others:
+the transposes go, but the convolutions and the fused norm kernels around them, then
+channels-last too, cost more than the transposes did, so that was not kept.
 
 `FrameConv` leaves cuDNN nothing to transpose. It pads the clip with a zero frame at
 each end of every batch row into one buffer laid out [batch, frames, channels,
@@ -26,15 +25,13 @@ output is [batch * frames, out channels, height * width], the spatial layers' ow
 The windows that straddle two batch rows are computed and dropped (2 of 52 for SVD-XT's
 guidance batch of 2). A clip of one frame (the decoder at `decoding_t` 1) takes the
 middle tap alone, the only one that meets data. With the activations channels-last
-between the UNet's blocks (`bentosvd.svd.accel.channels_last`), the norm kernel writes that buffer from a
-channels-last input, transposing inside the pass it makes anyway (run q measured the
-two together).
+between the UNet's blocks (`bentosvd.svd.accel.channels_last`), the norm kernel writes
+that buffer from a channels-last input, transposing inside the pass it makes anyway.
 
-Measured (H100, run n, against the Conv3d in the same run): a guided step's kernels
-412.5 ms instead of 426.4 ms (transposes 3.1 ms instead of 16.8; cuDNN's convolution
-kernels 15.8 ms less, the products that replace them 12.7 ms, the fused norm and
-pointwise kernels around them 6.5 ms more); the 25 steps 10.77 s instead of 10.94 s and
-the decoder's 25 frames 0.78 s instead of 0.89 s.
+The products cost a little less than the cuDNN convolutions they replace, the fused
+kernels around them a little more, and the transposes are gone: both the UNet's steps
+and the decoder run faster (docs/performance.md, temporal convolutions as batched
+products).
 
 Same parameters and state-dict keys as the `Conv3d`; the same sums of the same products,
 so outputs differ by float rounding only.
