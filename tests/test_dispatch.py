@@ -8,6 +8,7 @@ import pytest
 
 from bentosvd.api.dispatch import Dispatcher, Full, RecentDuration
 from bentosvd.api.jobs import Job, JobStore
+from bentosvd.errors import ServiceError
 
 
 def test_requests_get_free_workers_first_come_first_served():
@@ -72,11 +73,12 @@ def test_job_json_says_where_it_is():
     body = job.to_json()
     assert body["status"] == "queued" and body["step"] == 0 and body["total_steps"] == 25
     assert body["result_url"] == f"/jobs/{job.id}/result" and body["error"] is None
-    job.fail(499, {"error": "Client Closed Request", "message": "cancelled"})
+    job.fail(ServiceError("cancelled", status=499))
     assert job.status == "cancelled" and job.finished
     job2 = Job(seed=1, format="mp4", total_steps=2)
-    job2.fail(504, {"error": "Gateway Timeout", "message": "late"})
-    assert job2.to_json()["status"] == "failed" and job2.to_json()["error"]["message"] == "late"
+    job2.fail(ServiceError("late", status=504))
+    assert job2.to_json()["status"] == "failed"
+    assert job2.to_json()["error"] == {"error": "Gateway Timeout", "message": "late"}
 
 
 def test_lines_come_out_whole_however_the_stream_is_chunked():

@@ -66,7 +66,7 @@ def test_queued_jobs_know_their_place_and_cancel_stops_the_work(server, test_ima
     final, _ = wait_finished(server, jobs[1]["id"])
     assert final["status"] == "succeeded"
     log = server.log.read_text()
-    assert "generation stopped: the caller disconnected" in log  # the running one stopped
+    assert "generation stopped: the caller left or cancelled" in log  # the running one stopped
 
 
 def test_job_errors_are_the_same_as_generates(server, test_image, tmp_path):

@@ -139,7 +139,7 @@ def test_step_caching_keeps_to_the_warmed_blocks(tmp_path):
     """STEP_CACHE's shallow steps hand the kept (channels-last) feature to the outer blocks
     with the strides a whole step hands them: the request runs on what the warm-up built,
     nothing more (new shapes stay allowed here, so a miss would show as a compile)."""
-    settings = replace(SETTINGS, num_inference_steps=4)
+    settings = SETTINGS.model_copy(update=dict(num_inference_steps=4))
     speedups = replace(CHANNELS_LAST, step_cache=2)
     expected = VideoGenerator(build_demo(4), torch.device("cpu"), Speedups(step_cache=2)).generate(IMAGE, settings)
     gen = VideoGenerator(build_demo(4), torch.device("cpu"), speedups, tmp_path)

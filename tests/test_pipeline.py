@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -48,7 +47,7 @@ def test_decoded_frames_are_handed_on_chunk_by_chunk(generator, chunk, sizes):
     generator.pipe.decode_latents = lambda *a: decoded.append(len(handed)) or decode(*a)
     try:
         frames = generator.generate(np.full((144, 256, 3), 128, np.uint8),
-                                    replace(SETTINGS, decode_chunk_size=chunk),
+                                    SETTINGS.model_copy(update=dict(decode_chunk_size=chunk)),
                                     on_frames=handed.append)
     finally:
         generator.pipe.decode_latents = decode

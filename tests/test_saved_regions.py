@@ -140,7 +140,7 @@ def test_shapes_not_warmed_run_eagerly_and_build_nothing(cache):
     assert dict(gen.saved_regions.counts) == counts and files(cache) == before
     np.testing.assert_array_equal(got, expected)  # eager: the same kernels, the same bytes
     # Another decoding_t: the decoder is called with 2 frames at a time, a shape not warmed.
-    two = replace(SETTINGS, decode_chunk_size=2)
+    two = SETTINGS.model_copy(update=dict(decode_chunk_size=2))
     expected = VideoGenerator(build_demo(4), torch.device("cpu")).generate(IMAGE, two)
     got = gen.generate(IMAGE, two)
     assert dict(gen.saved_regions.counts) == counts and files(cache) == before
@@ -182,7 +182,9 @@ def test_a_file_is_per_block_configuration():
     # So does the weights' memory layout, which the saved guards check (strides).
     resnet = next(b for b in blocks if type(b).__name__ == "SpatioTemporalResBlock")
     before = compiled_blocks._structure(resnet)
-    resnet.to(memory_format=torch.channels_last)
+    for weight in resnet.parameters():
+        if weight.dim() == 4:
+            weight.data = weight.data.contiguous(memory_format=torch.channels_last)
     assert compiled_blocks._structure(resnet) != before
 
 
@@ -217,7 +219,7 @@ def test_a_call_its_guards_reject_runs_eagerly(cache, eager_frames, caplog):
 def test_step_caching_runs_on_the_saved_blocks(tmp_path):
     """STEP_CACHE's shallow steps call the outer blocks with the shapes a whole step does:
     the saved blocks serve both, and the video is step caching's own."""
-    settings = replace(SETTINGS, num_inference_steps=4)
+    settings = SETTINGS.model_copy(update=dict(num_inference_steps=4))
     expected = VideoGenerator(build_demo(4), torch.device("cpu"), Speedups(step_cache=2)).generate(IMAGE, settings)
     gen = warmed(build_demo(4), tmp_path, replace(SAVED, step_cache=2))
     counts = dict(gen.saved_regions.counts)
