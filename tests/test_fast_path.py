@@ -11,9 +11,12 @@ from __future__ import annotations
 import time
 
 import httpx
+import pytest
 
 from tests.conftest import make_image
 from tests.test_service import DEMO, assert_video, post
+
+pytestmark = pytest.mark.slow  # torch.compile on the CPU: tens of seconds a test
 
 
 def test_compiling_block_by_block_covers_every_block_and_matches_eager():

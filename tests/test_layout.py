@@ -23,6 +23,8 @@ from bentosvd.svd.speedups import Speedups
 from bentosvd.weights.random_weights import build_demo
 from tests.test_saved_regions import IMAGE, SAVED, SETTINGS, assert_close, warmed
 
+pytestmark = pytest.mark.slow  # torch.compile on the CPU: tens of seconds a test
+
 CHANNELS_LAST = replace(SAVED, channels_last_blocks=True)
 
 

@@ -35,6 +35,8 @@ from bentosvd.svd.speedups import Speedups
 from bentosvd.weights.random_weights import build_demo
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.slow  # torch.compile on the CPU: tens of seconds a test
+
 SETTINGS = GenerationSettings(num_frames=4, num_inference_steps=3, min_guidance_scale=1.0,
                               max_guidance_scale=2.0, fps=7, motion_bucket_id=127,
                               noise_aug_strength=0.02, decode_chunk_size=1, seed=0)

@@ -127,6 +127,7 @@ def test_a_stopped_generation_drops_the_kept_feature():
     assert gen.step_cache.deep is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("regions", [True, False], ids=["block_by_block", "whole_passes"])
 def test_the_compiled_passes_match_the_eager_ones(regions):
     """With the fast path the blocks are compiled (the default), or else each pass as one

@@ -7,6 +7,7 @@ kernel cannot run (this CPU) the output is what it was. Its speed is measured on
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from diffusers import UNetSpatioTemporalConditionModel
 from diffusers.models.attention import TemporalBasicTransformerBlock
@@ -76,6 +77,7 @@ def test_where_that_kernel_cannot_run_the_output_is_unchanged():
     assert torch.equal(unet(*inputs).sample, expected)
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_blocks_compile_ahead_of_time_with_it(tmp_path):
     """The preference is traced into the compiled block (fullgraph), not a reason to fall

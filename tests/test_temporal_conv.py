@@ -120,6 +120,7 @@ def test_the_windows_are_read_in_place():
     assert padded.numel() == 2 * 27 * 6 * 35  # the clip and its zero frames, once
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_blocks_compile_ahead_of_time_with_it(tmp_path):
     """Traced into the compiled blocks (fullgraph), not a reason to fall back to compiling
