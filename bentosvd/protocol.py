@@ -2,7 +2,7 @@
 
 The API sends `GenerationSettings` (what decides the frames) and `OutputSpec` (how they
 are encoded) with the decoded image; the worker answers with a stream of `Event`s, one
-JSON line each (`frame` / `parse_event`): `Started` once the GPU is the request's, `Step`
+JSON line each (`frame` / `Lines` / `parse_event`): `Started` once the GPU is the request's, `Step`
 after each denoising step, then either `Generated` (the GPU is free; the video is being
 encoded) and `Done`, or `Failed` with a `FailureKind` that says what happened.
 
@@ -91,3 +91,23 @@ def frame(event: BaseModel) -> str:
 
 def parse_event(line: str | bytes) -> Event:
     return _EVENT.validate_json(line)
+
+
+class Lines:
+    """Splits a worker's event stream, text arriving in chunks, into whole lines. Linear in
+    the stream's length: the last event carries the whole video (base64, ~4 MB for SVD-XT)
+    in some 500 chunks of 8 KB, and joining and splitting a growing buffer at every chunk
+    cost 0.27 s a request."""
+
+    def __init__(self) -> None:
+        self._partial: list[str] = []  # the pieces of the line not yet ended
+
+    def feed(self, chunk: str) -> list[str]:
+        """The lines that `chunk` ends, without their newlines."""
+        *ended, rest = chunk.split("\n")
+        if ended:
+            ended[0] = "".join(self._partial) + ended[0]
+            self._partial = []
+        if rest:
+            self._partial.append(rest)
+        return ended

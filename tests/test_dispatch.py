@@ -87,7 +87,7 @@ def test_lines_come_out_whole_however_the_stream_is_chunked():
     import json
     import random
 
-    from bentosvd.api.dispatch import Lines
+    from bentosvd.protocol import Lines
 
     events = [json.dumps({"event": "step", "step": i}) for i in range(25)]
     events.append(json.dumps({"event": "done", "video": "A" * 4_000_000}))

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from benchmarks.bench import bench_generation, bench_image, command, forget, fresh, psnr
+from benchmarks.probes import ProbeShape, add_shape_arguments
 from bentosvd.protocol import GenerationSettings
 from bentosvd.svd.generator import VideoGenerator
 from bentosvd.svd.speedups import Speedups
@@ -65,9 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("fallback.json"))
     parser.add_argument("--steps", type=int, default=10, help="denoising steps (at least 2)")
-    parser.add_argument("--frames", type=int, default=None, help="default: 25 on a GPU, 8 on the CPU")
-    parser.add_argument("--size", default=None, metavar="HxW",
-                        help="the image; default: 576x1024 on a GPU, 64x64 on the CPU")
+    add_shape_arguments(parser)
     parser.add_argument("--repeats", type=int, default=2, help="timed generations after the warm-up")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     args = parser.parse_args(argv)
@@ -78,15 +77,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    frames = args.frames or (25 if cuda else 8)
-    height, width = map(int, (args.size or ("576x1024" if cuda else "64x64")).split("x"))
+    shape = ProbeShape.from_args(args)
+    cuda, device, frames = shape.cuda, shape.device, shape.frames
+    height, width = shape.height, shape.width
     parts = build_synthetic(frames, device) if cuda else build_demo(frames)
     settings = bench_generation(frames, args.steps, 1)
     image = bench_image(height, width)
-    result = {"gpu": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
-              "model": "synthetic" if cuda else "demo", "frames": frames, "size": [height, width],
+    result = {**shape.header(),
               "steps": args.steps, "command": command("benchmarks.probes.fallback", argv), "variants": {}}
     reference = None
     for name in args.variants:

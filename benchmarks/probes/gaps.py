@@ -37,6 +37,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, schedule
 
 from benchmarks.bench import bench_generation, bench_image, command
+from benchmarks.probes import ProbeShape, add_shape_arguments
 from bentosvd.svd import compiled_blocks
 from bentosvd.svd.generator import VideoGenerator
 from bentosvd.svd.speedups import Speedups
@@ -93,9 +94,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("gaps.json"))
     parser.add_argument("--steps", type=int, default=4,
                         help="steps a generation (at least 3: the third is profiled)")
-    parser.add_argument("--frames", type=int, default=None, help="default: 25 on a GPU, 8 on the CPU")
-    parser.add_argument("--size", default=None, metavar="HxW",
-                        help="the image; default: 576x1024 on a GPU, 64x64 on the CPU")
+    add_shape_arguments(parser)
     args = parser.parse_args(argv)
     if args.steps < 3:
         parser.error("--steps must be at least 3 (two steps run before the profiled one)")
@@ -104,10 +103,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    frames = args.frames or (25 if cuda else 8)
-    height, width = map(int, (args.size or ("576x1024" if cuda else "64x64")).split("x"))
+    shape = ProbeShape.from_args(args)
+    cuda, device, frames = shape.cuda, shape.device, shape.frames
+    height, width = shape.height, shape.width
     if cuda:  # the fast path as the server runs it, its blocks saved as the server saves them
         cache = os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="bentosvd-inductor-"))
         gen = VideoGenerator(build_synthetic(frames, device), device, Speedups.fast(),
@@ -119,8 +117,7 @@ def main(argv=None) -> dict:
     sync = torch.cuda.synchronize if cuda else lambda: None
     t0 = time.perf_counter()
     gen.generate(image, settings, decode=False)  # compiles (or loads) the blocks
-    result = {"gpu": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
-              "model": "synthetic" if cuda else "demo", "frames": frames, "size": [height, width],
+    result = {**shape.header(),
               "command": command("benchmarks.probes.gaps", argv), "first_call_s": round(time.perf_counter() - t0, 1)}
     marks = []
 

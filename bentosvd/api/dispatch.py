@@ -104,23 +104,3 @@ class RecentDuration:
         request ahead, shared by the workers; at least 1."""
         per_request = self.seconds or self.first_guess
         return max(1, math.ceil(per_request * max(1, ahead) / workers))
-
-
-class Lines:
-    """Splits a worker's event stream, text arriving in chunks, into whole lines. Linear in
-    the stream's length: the last event carries the whole video (base64, ~4 MB for SVD-XT)
-    in some 500 chunks of 8 KB, and joining and splitting a growing buffer at every chunk
-    cost 0.27 s a request."""
-
-    def __init__(self) -> None:
-        self._partial: list[str] = []  # the pieces of the line not yet ended
-
-    def feed(self, chunk: str) -> list[str]:
-        """The lines that `chunk` ends, without their newlines."""
-        *ended, rest = chunk.split("\n")
-        if ended:
-            ended[0] = "".join(self._partial) + ended[0]
-            self._partial = []
-        if rest:
-            self._partial.append(rest)
-        return ended

@@ -113,7 +113,7 @@ class RequestGuard:
         except ClientGone:
             return
         except RequestError as e:
-            await error_response(e)(scope, _replay(b"", receive), send)
+            await error_response(e)(scope, receive, send)
             return
         await self.app(scope, _replay(body, receive), send)
 

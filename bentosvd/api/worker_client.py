@@ -14,13 +14,13 @@ from collections.abc import Callable
 import aiohttp
 import numpy as np
 
-from bentosvd.api.dispatch import Lines
 from bentosvd.errors import ServiceError
 from bentosvd.protocol import (
     Done,
     Failed,
     FailureKind,
     GenerationSettings,
+    Lines,
     OutputSpec,
     parse_event,
 )
