@@ -128,10 +128,10 @@ class Settings(BaseSettings):
         "/livez fails so the pod is restarted; the default matches the Kubernetes startup "
         "probe's 15 minutes.",
     )
-    inject_faults: list[Literal["gpu_oom", "internal"]] = Field(
+    inject_faults: list[Literal["gpu_oom", "internal", "encode_stall"]] = Field(
         [], description="Tests only: the next generations fail, one per entry, with a CUDA "
-        'out-of-memory (`gpu_oom`) or an unexpected exception (`internal`), e.g. '
-        '`["internal", "gpu_oom"]`.',
+        'out-of-memory (`gpu_oom`), an unexpected exception (`internal`) or a video encode '
+        'that never finishes (`encode_stall`), e.g. `["internal", "gpu_oom"]`.',
     )
     inject_load_delay: list[Annotated[float, Field(ge=0)]] = Field(
         [0], description="Tests only: seconds more each GPU worker takes to load (the last "

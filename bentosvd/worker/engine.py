@@ -140,7 +140,7 @@ class Engine:
                               f"the caller left or cancelled (step {step}/{total})")
             if time.time() > deadline:
                 raise Stopped(FailureKind.TIMEOUT, f"the deadline passed (step {step}/{total})")
-            if self.injected_faults:  # tests: a fault in the middle of a generation
+            if self.injected_faults[:1] in (["gpu_oom"], ["internal"]):  # tests: a fault mid-generation
                 if self.injected_faults.pop(0) == "gpu_oom":
                     raise torch.cuda.OutOfMemoryError("injected CUDA out of memory")
                 raise RuntimeError("injected unexpected error")
@@ -187,8 +187,11 @@ class Engine:
                 output: OutputSpec) -> StreamingEncode:
         """A video encode for `job`'s frames, to be fed by `run`'s on_frames."""
         shape = (job.num_frames, *image.shape[:2], 3)
-        return StreamingEncode(shape, output, crf=self.settings.video_crf,
-                               preset=self.settings.video_preset)
+        stall = self.injected_faults[:1] == ["encode_stall"]
+        if stall:
+            self.injected_faults.pop(0)
+        return (_StalledEncode if stall else StreamingEncode)(
+            shape, output, crf=self.settings.video_crf, preset=self.settings.video_preset)
 
     def _free_gpu_memory(self) -> None:
         # The failed step's tensors are garbage once its frames are gone; hand their
@@ -196,3 +199,20 @@ class Engine:
         gc.collect()
         if self.on_gpu:
             torch.cuda.empty_cache()
+
+
+class _StalledEncode(StreamingEncode):
+    """Tests (INJECT_FAULTS `encode_stall`): an encode whose result never comes, as with an
+    FFmpeg stuck in its thread, until it is abandoned."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._abandoned = threading.Event()
+
+    def result(self) -> bytes:
+        self._abandoned.wait()
+        raise RuntimeError("the stalled encode was abandoned")
+
+    def close(self) -> None:
+        self._abandoned.set()
+        super().close()

@@ -26,6 +26,7 @@ from bentosvd.metrics import in_flight
 from bentosvd.protocol import (
     Done,
     Failed,
+    FailureKind,
     Generated,
     GenerationSettings,
     OutputSpec,
@@ -112,7 +113,17 @@ class GenerationWorker:
             # may send the next request, whose generation then overlaps this encode.
             yield frame(Generated())
             started = time.perf_counter()
-            video = await asyncio.to_thread(encoder.result)
+            try:
+                # The request's deadline covers its encode too: an encode that does not
+                # finish (FFmpeg stuck in its thread) fails the request, not holds it.
+                video = await asyncio.wait_for(asyncio.to_thread(encoder.result),
+                                               timeout=max(0.0, deadline - time.time()))
+            except TimeoutError:
+                logger.error("request %s: the video encode did not finish by the request's "
+                             "deadline; the request fails with a timeout", request_id)
+                yield frame(Failed(kind=FailureKind.TIMEOUT,
+                                   message="the video was not encoded before the request's deadline"))
+                return
             # What the request waited for after decoding; the rest overlapped it.
             timings = {**result.timings, "video_encode": time.perf_counter() - started}
             yield frame(Done(video=base64.b64encode(video).decode(), timings=timings,
