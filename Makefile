@@ -25,9 +25,12 @@ serve: import
 		$(BIN)/bentoml serve service:svc --port $(PORT)
 
 # The web page's tests drive a headless Chromium: installed with apt-get when missing.
+# Two pytest processes (pytest-xdist), a test file each: most of a test's time is a server
+# starting or a CPU compile, and one process leaves a core idle much of the time.
+TEST_WORKERS ?= 2
 test: install
 	bash scripts/install_browser.sh
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 # The quick loop: the unit tests, no server, no compile (under 2 minutes on 2 cores).
 test-unit: install

@@ -7,7 +7,9 @@ video is the same within rounding. Its speed is measured on a GPU (docs/journal.
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -78,9 +80,25 @@ def eager_frames():
     return VideoGenerator(build_demo(4), torch.device("cpu")).generate(IMAGE, SETTINGS)
 
 
-def test_saved_blocks_get_and_return_channels_last_and_a_restart_loads_them(tmp_path, eager_frames):
-    gen = warmed(build_demo(4), tmp_path, CHANNELS_LAST)
+@pytest.fixture(scope="module")
+def channels_last_cache(tmp_path_factory):
+    """The channels-last blocks compiled once for this module: (folder, files)."""
+    cache = tmp_path_factory.mktemp("channels_last")
+    gen = warmed(build_demo(4), cache, CHANNELS_LAST)
     assert set(gen.saved_regions.counts) == {"compiled"}, gen.saved_regions.counts
+    return cache, set(cache.glob("*.bin"))
+
+
+def copy_of(cache, tmp_path):
+    """The module's compiled blocks in a folder of the test's own, which it may add to."""
+    return Path(shutil.copytree(cache[0], tmp_path / "cache"))
+
+
+def test_saved_blocks_get_and_return_channels_last_and_a_restart_loads_them(
+        channels_last_cache, tmp_path, eager_frames):
+    # The fixture compiled them (a first start); this is a restart on the same files.
+    gen = warmed(build_demo(4), copy_of(channels_last_cache, tmp_path), CHANNELS_LAST)
+    assert set(gen.saved_regions.counts) == {"loaded"}, gen.saved_regions.counts
     seen = record_layouts(gen.pipe.unet)
     frames = gen.generate(IMAGE, SETTINGS)
     blocks = [m for m in gen.pipe.unet.modules() if type(m).__name__ in UNET_REGIONS]
@@ -94,28 +112,23 @@ def test_saved_blocks_get_and_return_channels_last_and_a_restart_loads_them(tmp_
     assert given_nchw == [0, len(blocks) - 2] * SETTINGS.num_inference_steps, seen
     assert_close(frames, eager_frames)
 
-    again = warmed(build_demo(4), tmp_path, CHANNELS_LAST)  # the restart: same files
-    assert set(again.saved_regions.counts) == {"loaded"}, again.saved_regions.counts
-    assert np.array_equal(again.generate(IMAGE, SETTINGS), frames)
 
-
-def test_the_nchw_blocks_files_are_not_taken_for_them(tmp_path):
+def test_the_nchw_blocks_files_are_not_taken_for_them(channels_last_cache, tmp_path):
     """A block's file holds the layout of its output: switching compiles the UNet's blocks
     afresh (the decoder, not wrapped, keeps its file)."""
-    warmed(build_demo(4), tmp_path, SAVED)
-    before = set(tmp_path.glob("*.bin"))
-    gen = warmed(build_demo(4), tmp_path, CHANNELS_LAST)
-    new = set(tmp_path.glob("*.bin")) - before
+    cache = copy_of(channels_last_cache, tmp_path)
+    gen = warmed(build_demo(4), cache, SAVED)  # NCHW blocks, beside the channels-last ones
+    new = set(cache.glob("*.bin")) - {cache / p.name for p in channels_last_cache[1]}
     assert new and all(not p.name.startswith("TemporalDecoder-") for p in new)
     assert gen.saved_regions.counts["loaded"] == 1  # the decoder
     assert gen.saved_regions.counts["compiled"] == len(new)
 
 
-def test_a_shape_not_warmed_up_runs_eagerly_in_nchw(tmp_path):
+def test_a_shape_not_warmed_up_runs_eagerly_in_nchw(channels_last_cache, tmp_path):
     """The fallback for a shape the warm-up left out runs the blocks eagerly; there the
     layout stays NCHW, as eager runs fastest (channels-last eager blocks made a step 12%
     slower: docs/journal.md, H200 run t)."""
-    gen = warmed(build_demo(4), tmp_path, CHANNELS_LAST)
+    gen = warmed(build_demo(4), copy_of(channels_last_cache, tmp_path), CHANNELS_LAST)
     built = dict(gen.saved_regions.counts)
     seen = record_layouts(gen.pipe.unet)
     portrait = np.ascontiguousarray(IMAGE.transpose(1, 0, 2))
@@ -137,14 +150,15 @@ def test_blocks_compiled_in_process_return_channels_last_too():
     assert seen and all(out for _, out in seen)
 
 
-def test_step_caching_keeps_to_the_warmed_blocks(tmp_path):
+def test_step_caching_keeps_to_the_warmed_blocks(channels_last_cache, tmp_path):
     """STEP_CACHE's shallow steps hand the kept (channels-last) feature to the outer blocks
     with the strides a whole step hands them: the request runs on what the warm-up built,
     nothing more (new shapes stay allowed here, so a miss would show as a compile)."""
     settings = SETTINGS.model_copy(update=dict(num_inference_steps=4))
     speedups = replace(CHANNELS_LAST, step_cache=2)
     expected = VideoGenerator(build_demo(4), torch.device("cpu"), Speedups(step_cache=2)).generate(IMAGE, settings)
-    gen = VideoGenerator(build_demo(4), torch.device("cpu"), speedups, tmp_path)
+    gen = VideoGenerator(build_demo(4), torch.device("cpu"), speedups,
+                         copy_of(channels_last_cache, tmp_path))
     gen.warm_up(4, 144, 256)
     counts = dict(gen.saved_regions.counts)
     assert_close(gen.generate(IMAGE, settings), expected)

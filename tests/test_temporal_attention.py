@@ -86,10 +86,11 @@ def test_blocks_compile_ahead_of_time_with_it(tmp_path):
     inputs = unet_inputs(unet)
     expected = unet(*inputs).sample
     use_efficient_temporal_attention(unet)
-    blocks = [m for m in unet.modules() if type(m).__name__ == UNET_REGIONS[1]]
-    saved = SavedRegions(blocks, tmp_path)
+    # One block is enough to show it (each compile costs tens of seconds on the CPU).
+    block = next(m for m in unet.modules() if type(m).__name__ == UNET_REGIONS[1])
+    saved = SavedRegions([block], tmp_path)
     got = unet(*inputs).sample
-    assert set(saved.counts) == {"compiled"}, saved.counts
+    assert dict(saved.counts) == {"compiled": 1}, saved.counts
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 

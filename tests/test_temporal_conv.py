@@ -129,10 +129,13 @@ def test_blocks_compile_ahead_of_time_with_it(tmp_path):
     inputs = unet_inputs(unet)
     expected = unet(*inputs).sample
     assert use_frame_conv(unet) == 16
-    blocks = [m for m in unet.modules() if type(m).__name__ in UNET_REGIONS]
-    saved = SavedRegions(blocks, tmp_path)
+    # One block holding frame convolutions is enough to show it (each compile costs
+    # tens of seconds on the CPU); the rest run eagerly.
+    block = next(m for m in unet.modules() if type(m).__name__ == UNET_REGIONS[0])
+    assert any(isinstance(m, FrameConv) for m in block.modules())
+    saved = SavedRegions([block], tmp_path)
     got = unet(*inputs).sample
-    assert set(saved.counts) == {"compiled"}, saved.counts
+    assert dict(saved.counts) == {"compiled": 1}, saved.counts
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
