@@ -18,6 +18,7 @@ from bentoml.validators import ContentType
 from starlette.responses import JSONResponse
 from starlette.staticfiles import StaticFiles
 
+from bentosvd.api.auth import ApiKeys, RequireApiKey
 from bentosvd.api.generations import Generations
 from bentosvd.api.guard import AnswerErrors, JsonField, RequestGuard
 from bentosvd.api.routes import PlainRoutes
@@ -60,6 +61,14 @@ class SVD:
         ctx.response.status_code = response.status_code
         return response
 
+    @bentoml.on_startup
+    async def _open_jobs(self) -> None:
+        await self.generations.start()
+
+    @bentoml.on_shutdown
+    async def _put_jobs_back(self) -> None:
+        await self.generations.stop()
+
     async def __is_alive__(self) -> bool:
         return await self.generations.alive()
 
@@ -71,11 +80,14 @@ for _index, _worker in enumerate(WORKERS):
 SVD = bentoml.service(name="svd-service", traffic={"timeout": settings.timeout})(SVD)
 
 # Middleware, the first added outermost: every request answered even when its handler
-# raises; the GET/DELETE routes; then, for the two POST APIs, the form checked before
-# BentoML reads it: one uploaded `img` file (a URL string would make BentoML download it),
-# at most one `params` of bounded size, depth and numbers, nothing else, a bounded body
-# (the extra 64 KiB is the form around an image of MAX_UPLOAD_BYTES).
+# raises; the API key (when keys are set); the GET/DELETE routes; then, for the two POST
+# APIs, the form checked before BentoML reads it: one uploaded `img` file (a URL string
+# would make BentoML download it), at most one `params` of bounded size, depth and numbers,
+# nothing else, a bounded body (the extra 64 KiB is the form around an image of
+# MAX_UPLOAD_BYTES).
 SVD.add_asgi_middleware(AnswerErrors)
+SVD.add_asgi_middleware(RequireApiKey, keys=ApiKeys(settings.api_keys, settings.api_keys_file),
+                        metrics_open=not settings.metrics_need_key)
 SVD.add_asgi_middleware(PlainRoutes)
 _params = JsonField(Params, max_bytes=settings.max_params_bytes,
                     max_depth=settings.max_params_depth, max_digits=settings.max_number_digits)

@@ -10,8 +10,8 @@ from __future__ import annotations
 from functools import cache
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from bentosvd.media.formats import FORMATS, MAX_INTERPOLATED_FPS, X264_PRESETS
 from bentosvd.svd.speedups import step_cache_problem
@@ -111,12 +111,42 @@ class Settings(BaseSettings):
     max_queue: int = Field(
         4, ge=0, description="Requests that may wait for a GPU beyond those running; past it, 429."
     )
+    jobs_dir: str = Field(
+        "~/.bentosvd/jobs", description="Where async jobs are kept: their input images, their "
+        "videos and (without JOBS_DATABASE_URL) the SQLite database. Several replicas need one "
+        "shared volume here.",
+    )
+    jobs_database_url: str | None = Field(
+        None, description="`postgresql://user:password@host/db`: every replica reads and "
+        "writes the same jobs. Unset: SQLite in JOBS_DIR, for one server.",
+    )
     job_ttl: int = Field(
         3600, ge=1, description="Seconds a finished async job (and its video) is kept for "
-        "GET /jobs/<id>/result; kept in memory, lost on restart.",
+        "GET /jobs/<id>/result.",
     )
     max_finished_jobs: int = Field(
         64, ge=1, description="Finished async jobs kept at most; the oldest are forgotten first.",
+    )
+    max_job_bytes: int = Field(
+        2 * 2**30, ge=1, description="Bytes of finished jobs' videos kept at most; the oldest "
+        "are forgotten first.",
+    )
+    job_lease: float = Field(
+        10, gt=0, description="Seconds without a heartbeat after which a replica's queued and "
+        "running jobs are taken over by another (it is taken for dead).",
+    )
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        [], description="Keys accepted in `Authorization: Bearer <key>`, comma-separated; "
+        "set, every route but /livez, /readyz and the web page's files needs one (401 "
+        "otherwise). Empty: no key needed. Set it (or API_KEYS_FILE) on any exposed deploy.",
+    )
+    api_keys_file: str | None = Field(
+        None, description="A file of accepted keys, one a line (`#` comments), read again "
+        "when it changes: rotate a key without a restart. Adds to API_KEYS.",
+    )
+    metrics_need_key: bool = Field(
+        False, description="With keys set, /metrics needs one too (open by default for "
+        "Prometheus scrapers inside the cluster).",
     )
     max_faults_in_a_row: int = Field(
         3, ge=1, description="Failed generations in a row (GPU out of memory or an unexpected "
@@ -181,6 +211,13 @@ class Settings(BaseSettings):
         "compiled ahead of time in its aot/ folder; keep it on a volume so a restart neither "
         "compiles nor traces again.",
     )
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value):
+        if isinstance(value, str):  # API_KEYS=key1,key2 (spaces around commas ignored)
+            return [k.strip() for k in value.split(",") if k.strip()]
+        return value
 
     @model_validator(mode="after")
     def _step_cache_rules(self) -> Settings:

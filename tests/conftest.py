@@ -101,6 +101,9 @@ def server_factory(bentoml_home, tmp_path_factory):
     servers = []
 
     def start(args=("service:svc",), cwd=ROOT, wait=True, **env) -> Server:
+        # Async jobs kept in a folder of the server's own, unless the test shares one
+        # (a restart, replicas).
+        env.setdefault("JOBS_DIR", str(tmp_path_factory.mktemp("jobs")))
         full_env = demo_env(bentoml_home, **env)
         log = tmp_path_factory.mktemp("server") / "server.log"
         server = Server(list(args), full_env, cwd, log)

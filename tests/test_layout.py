@@ -19,10 +19,11 @@ from diffusers.models.transformers.transformer_temporal import (
 )
 
 from bentosvd.svd.accel.channels_last import channels_last_output
-from bentosvd.svd.compiled_blocks import UNET_REGIONS, compile_regions
+from bentosvd.svd.compiled_blocks import UNET_REGIONS, SavedRegions, compile_regions, region_forward
 from bentosvd.svd.generator import VideoGenerator
 from bentosvd.svd.speedups import Speedups
 from bentosvd.weights.random_weights import build_demo
+from tests.test_cross_attention import unet_inputs
 from tests.test_saved_regions import IMAGE, SAVED, SETTINGS, assert_close, warmed
 
 pytestmark = pytest.mark.slow  # torch.compile on the CPU: tens of seconds a test
@@ -113,15 +114,26 @@ def test_saved_blocks_get_and_return_channels_last_and_a_restart_loads_them(
     assert_close(frames, eager_frames)
 
 
-def test_the_nchw_blocks_files_are_not_taken_for_them(channels_last_cache, tmp_path):
-    """A block's file holds the layout of its output: switching compiles the UNet's blocks
-    afresh (the decoder, not wrapped, keeps its file)."""
-    cache = copy_of(channels_last_cache, tmp_path)
-    gen = warmed(build_demo(4), cache, SAVED)  # NCHW blocks, beside the channels-last ones
-    new = set(cache.glob("*.bin")) - {cache / p.name for p in channels_last_cache[1]}
-    assert new and all(not p.name.startswith("TemporalDecoder-") for p in new)
-    assert gen.saved_regions.counts["loaded"] == 1  # the decoder
-    assert gen.saved_regions.counts["compiled"] == len(new)
+@torch.no_grad()
+def test_the_nchw_blocks_files_are_not_taken_for_them(tmp_path):
+    """A block's file holds the layout of its output: a block compiled channels-last and
+    the same block compiled NCHW, with the same inputs, get a file each, and each loads
+    its own (one block: each compile costs tens of seconds on the CPU)."""
+    unet = build_demo(4)["unet"]
+    inputs = unet_inputs(unet)
+
+    def saved(channels_last: bool) -> SavedRegions:
+        block = next(m for m in unet.modules() if type(m).__name__ in UNET_REGIONS)
+        regions = SavedRegions([block], tmp_path, forward_of=lambda b: region_forward(b, channels_last))
+        unet(*inputs)
+        regions.remove()
+        return regions
+
+    assert dict(saved(True).counts) == {"compiled": 1}
+    assert dict(saved(False).counts) == {"compiled": 1}  # not the channels-last file
+    assert len(list(tmp_path.glob("*.bin"))) == 2
+    assert dict(saved(True).counts) == {"loaded": 1}
+    assert dict(saved(False).counts) == {"loaded": 1}
 
 
 def test_a_shape_not_warmed_up_runs_eagerly_in_nchw(channels_last_cache, tmp_path):

@@ -61,8 +61,10 @@ class Dispatcher:
     def waiting(self) -> int:
         return len(self._waiting)
 
-    def enter(self) -> Ticket:
-        if not self._idle and len(self._waiting) >= self.max_waiting:
+    def enter(self, force: bool = False) -> Ticket:
+        """A place in the queue; `Full` past `max_waiting`, unless `force` (a job accepted
+        before, run again after a crash, is never refused)."""
+        if not force and not self._idle and len(self._waiting) >= self.max_waiting:
             raise Full(f"{self.running} requests are running and {self.waiting} are queued "
                        f"(the limit is {self.workers + self.max_waiting})")
         ticket = Ticket(self)

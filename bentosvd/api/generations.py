@@ -21,9 +21,9 @@ from starlette.responses import Response
 
 from bentosvd import metrics
 from bentosvd.api.dispatch import Dispatcher, Full, RecentDuration
-from bentosvd.api.jobs import Job, JobStore
+from bentosvd.api.jobs import MAX_ATTEMPTS, DatabaseUnavailable, Job, JobStore
 from bentosvd.api.planning import choose_format, plan_generation
-from bentosvd.api.worker_client import GenerationFailed, WorkerClient
+from bentosvd.api.worker_client import GenerationFailed, WorkerClient, WorkerGone
 from bentosvd.config import DEMO_WARNING, Params, Settings, Variant
 from bentosvd.errors import PayloadTooLarge, ServiceError, error_response
 from bentosvd.media.formats import FORMATS
@@ -31,6 +31,8 @@ from bentosvd.media.images import decode_upload
 from bentosvd.protocol import Generated, GenerationSettings, OutputSpec, Started, Step
 
 logger = logging.getLogger("bentoml.svd")
+
+JOB_HEARTBEAT = 0.5  # seconds between renewals of this replica's jobs (and cancel checks)
 
 @dataclass
 class Work:
@@ -52,9 +54,83 @@ class Generations:
         self.dispatcher = Dispatcher(settings.gpu_workers, settings.max_queue,
                                      on_change=metrics.queue_depth.set)
         self.recent = RecentDuration()
-        self.jobs = JobStore(ttl=settings.job_ttl, max_finished=settings.max_finished_jobs)
+        self.jobs = JobStore(settings.jobs_dir, settings.jobs_database_url, ttl=settings.job_ttl,
+                             max_finished=settings.max_finished_jobs,
+                             max_bytes=settings.max_job_bytes, lease=settings.job_lease)
         self.client = WorkerClient(workers, timeout=settings.timeout, retry_after=self.retry_after)
         self.silent_since: dict[int, float] = {}  # worker -> when it first left /livez unanswered
+        self._keeper: asyncio.Task | None = None
+
+    # ------------------------------------------------------------------ the async jobs
+
+    async def start(self) -> None:
+        """Open the job store, and keep this replica's jobs alive from now on: renew their
+        heartbeat, stop those cancelled at another replica, take over those of dead ones."""
+        await self.jobs.open()
+        self._keeper = asyncio.create_task(self._keep_jobs())
+
+    async def stop(self) -> None:
+        """At shutdown: jobs not finished go back to the store for the next start (or
+        another replica), as they were, their attempt not counted."""
+        if self._keeper is not None:
+            self._keeper.cancel()
+        await self.jobs.put_back()
+        tasks = [job.task for job in list(self.jobs.local.values())
+                 if job.task is not None and not job.task.done()]
+        for task in tasks:  # their workers stop at the next step
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
+        self.jobs.close()
+
+    async def _keep_jobs(self) -> None:
+        claimed_once, pruned = False, time.monotonic()
+        while True:
+            try:
+                for job_id in await self.jobs.heartbeat():
+                    job = self.jobs.local.get(job_id)
+                    if job is not None and job.task is not None and not job.task.done():
+                        logger.info("job %s was cancelled at another replica", job_id)
+                        job.task.cancel()
+                # Take jobs over only once the workers answer: a restarted server loads first.
+                if claimed_once or await self._workers_answer():
+                    # The only server on its SQLite file takes every unfinished job at once.
+                    everyone = not claimed_once and not self.jobs.db.postgres
+                    for job, request, image in await self.jobs.claim_orphans(everyone):
+                        await self._resume(job, request, image)
+                    claimed_once = True
+                if time.monotonic() - pruned > 60:
+                    await self.jobs.prune()
+                    pruned = time.monotonic()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # the database away for a while: try again next beat
+                logger.warning("could not keep the async jobs: %s", e)
+            await asyncio.sleep(JOB_HEARTBEAT)
+
+    async def _workers_answer(self) -> bool:
+        try:
+            await asyncio.gather(*(self.client.health(i) for i in range(self.settings.gpu_workers)))
+            return True
+        except Exception:
+            return False
+
+    async def _resume(self, job: Job, request: dict, image: np.ndarray | None) -> None:
+        """Run a job taken over from a dead replica (or this server before a restart)."""
+        self.jobs.local[job.id] = job
+        if image is None:
+            job.fail(ServiceError(
+                f"the job was interrupted {job.attempt - 1} times (a server restart or a crashed "
+                "worker) and is not run again", status=503, error="Interrupted",
+                fix="submit it again", request_id=job.id))
+            await self.jobs.finish(job)
+            return
+        logger.info("job %s taken over, attempt %d", job.id, job.attempt)
+        params = Params(**request["params"])
+        job.ticket = self.dispatcher.enter(force=True)  # accepted before: never refused now
+        job.work = Work(image, GenerationSettings(**request["job"]), OutputSpec(**request["output"]),
+                        params, time.time() + self.settings.timeout - 1)
+        job.task = asyncio.create_task(self.run(job))
 
     async def generate(self, request, img: Path, params: Params) -> Response:
         """Admit, run and answer one request; a client that leaves cancels its generation."""
@@ -72,9 +148,18 @@ class Generations:
         return self.answer(job)
 
     async def submit(self, request, img: Path, params: Params) -> Job:
-        """Admit a request as an async job that runs on while its id is answered."""
+        """Admit a request as an async job that runs on while its id is answered; it is
+        recorded first, so that a restart or another replica finds it."""
         job = await self.admit(request, img, params)
-        self.jobs.add(job)
+        work = job.work
+        record = {"params": params.model_dump(mode="json"), "job": work.job.model_dump(mode="json"),
+                  "output": work.output.model_dump(mode="json")}
+        try:
+            await self.jobs.add(job, record, work.image)
+        except DatabaseUnavailable as e:
+            job.ticket.leave()
+            raise ServiceError(f"{e}; the job was not accepted", status=503,
+                               retry_after=self.retry_after()) from None
         job.task = asyncio.create_task(self.run(job))
         return job
 
@@ -94,8 +179,26 @@ class Generations:
                    ticket=ticket, work=Work(image, job_settings, output, params, deadline))
 
     async def run(self, job: Job) -> None:
-        """Wait for a worker, generate, and leave the outcome in `job`."""
+        """Wait for a worker, generate, and leave the outcome in `job` (and, for an async
+        job, in the job store). An async job whose worker died runs once more."""
+        stored = job.id in self.jobs.local
+        try:
+            while True:
+                await self._run_once(job, stored)
+                if not (stored and isinstance(job.error, WorkerGone) and job.attempt < MAX_ATTEMPTS):
+                    break
+                job.attempt += 1
+                logger.warning("job %s: its worker went away; attempt %d", job.id, job.attempt)
+                job.status, job.step, job.error, job.finished_at = "queued", 0, None, None
+                job.ticket, job.work = self.dispatcher.enter(force=True), work_again(job, self.settings)
+                await self.jobs.attempted(job)
+        finally:
+            if stored and job.finished:
+                await asyncio.shield(self.jobs.finish(job))
+
+    async def _run_once(self, job: Job, stored: bool) -> None:
         ticket, work, started = job.ticket, job.work, time.monotonic()
+        job.last_work = work
 
         def on_event(event) -> None:
             if isinstance(event, Started):
@@ -104,6 +207,8 @@ class Generations:
                 job.step = event.step
             elif isinstance(event, Generated):  # the worker's GPU is free while it encodes
                 ticket.leave()
+            if stored and isinstance(event, (Started, Step)):
+                self.jobs.progressed(job)
 
         try:
             index = await ticket.wait()
@@ -126,17 +231,19 @@ class Generations:
         finally:
             ticket.leave()
 
-    def answer(self, job: Job) -> Response:
-        """The finished job as the HTTP answer: the video, or the error."""
+    def answer(self, job: Job, video: bytes | None = None) -> Response:
+        """The finished job as the HTTP answer: the video (`job.video` unless given), or
+        the error."""
         if job.status != "succeeded":
             return error_response(job.error)
+        video = job.video if video is None else video
         fmt = FORMATS[job.format]
         headers = {"X-Seed": str(job.seed), "X-Model": self.variant.name, "X-Request-Id": job.id,
                    "Server-Timing": server_timing(job.timings),
                    "Content-Disposition": f'inline; filename="generated_video{fmt.extension}"'}
         if self.variant.name == "demo":
             headers["X-Model-Warning"] = DEMO_WARNING
-        return Response(job.video, media_type=fmt.media_type, headers=headers)
+        return Response(video, media_type=fmt.media_type, headers=headers)
 
     async def alive(self) -> bool:
         """For /livez: every worker is alive."""
@@ -197,3 +304,9 @@ class Generations:
 def server_timing(timings: dict) -> str:
     """The phases as an HTTP Server-Timing header (durations in milliseconds)."""
     return ", ".join(f"{phase};dur={seconds * 1000:.1f}" for phase, seconds in timings.items())
+
+
+def work_again(job: Job, settings: Settings) -> Work:
+    """The same work for another attempt, with a deadline of its own."""
+    work = job.last_work
+    return Work(work.image, work.job, work.output, work.params, time.time() + settings.timeout - 1)

@@ -49,8 +49,8 @@ def info(request) -> JSONResponse:
     })
 
 
-def _job_or_404(request) -> Job | JSONResponse:
-    job = _generations().jobs.get(request.path_params["job_id"])
+async def _job_or_404(request) -> Job | JSONResponse:
+    job = await _generations().jobs.get(request.path_params["job_id"])
     if job is None:
         settings = get_settings()
         return error_response(404, "no such job (finished jobs are kept for "
@@ -59,12 +59,12 @@ def _job_or_404(request) -> Job | JSONResponse:
 
 
 async def job_status(request) -> JSONResponse:
-    job = _job_or_404(request)
+    job = await _job_or_404(request)
     return job if isinstance(job, JSONResponse) else JSONResponse(job.to_json())
 
 
 async def job_result(request) -> Response:
-    job = _job_or_404(request)
+    job = await _job_or_404(request)
     if isinstance(job, JSONResponse):
         return job
     if job.status == "cancelled":
@@ -72,20 +72,28 @@ async def job_result(request) -> Response:
     if not job.finished:
         return error_response(409, f"the job is {job.status} (step {job.step} of "
                               f"{job.total_steps}); poll /jobs/{job.id} until it has finished")
-    return _generations().answer(job)
+    generations = _generations()
+    video = await generations.jobs.read_video(job) if job.status == "succeeded" else None
+    if job.status == "succeeded" and video is None:
+        return error_response(410, "the job's video is no longer kept (see JOB_TTL and "
+                              "MAX_JOB_BYTES)")
+    return generations.answer(job, video)
 
 
 async def job_cancel(request) -> JSONResponse:
-    """Cancel a queued or running job (its GPU work stops at the next step); a finished
-    job is forgotten, with its video."""
-    job = _job_or_404(request)
+    """Cancel a queued or running job (its GPU work stops at the next step, on whichever
+    replica runs it); a finished job is forgotten, with its video."""
+    job = await _job_or_404(request)
     if isinstance(job, JSONResponse):
         return job
+    jobs = _generations().jobs
     if job.task is not None and not job.finished:
         job.task.cancel()
         await asyncio.wait({job.task})
+    elif not job.finished:  # run by another replica: it sees the request at its next beat
+        await jobs.request_cancel(job.id)
     else:
-        _generations().jobs.remove(job.id)
+        await jobs.remove(job)
     return JSONResponse(job.to_json())
 
 

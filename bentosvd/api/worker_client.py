@@ -34,6 +34,10 @@ class GenerationFailed(ServiceError):
     """A generation ended without a video; its status says whether to try again."""
 
 
+class WorkerGone(GenerationFailed):
+    """The worker process died during the generation (BentoML restarts it)."""
+
+
 class WorkerClient:
     """Calls the GPU worker services (`workers[i]`: BentoML's handle of worker i).
     `retry_after()` says how long a client should wait before trying again."""
@@ -85,9 +89,9 @@ class WorkerClient:
         return await asyncio.wait_for(self.workers[index].to_async.health(), HEALTH_TIMEOUT)
 
     def _gone(self, request_id: str) -> GenerationFailed:
-        return GenerationFailed("the GPU worker went away during the generation (it is being "
-                                "restarted); try again", status=503, request_id=request_id,
-                                retry_after=self.retry_after())
+        return WorkerGone("the GPU worker went away during the generation (it is being "
+                          "restarted); try again", status=503, request_id=request_id,
+                          retry_after=self.retry_after(), error="WorkerRestarted")
 
     def _failure(self, event: Failed, request_id: str) -> GenerationFailed:
         if event.kind is FailureKind.TIMEOUT:

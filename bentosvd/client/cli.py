@@ -72,11 +72,13 @@ class SVDClient:
     `connections`: requests in flight at most. Use as `async with SVDClient(...) as client`.
     """
 
-    def __init__(self, url: str, *, timeout: float = 600.0, retries: int = 5, connections: int = 2):
+    def __init__(self, url: str, *, timeout: float = 600.0, retries: int = 5, connections: int = 2,
+                 api_key: str | None = None):
         self.url = url
         self.timeout = timeout
         self.retries = retries
-        token = os.environ.get("BENTOSVD_TOKEN")  # BentoCloud's protected endpoints
+        # The server's API_KEYS, or BentoCloud's token for its protected endpoints.
+        token = api_key or os.environ.get("BENTOSVD_API_KEY") or os.environ.get("BENTOSVD_TOKEN")
         self.http = httpx.AsyncClient(
             base_url=url, timeout=httpx.Timeout(timeout, connect=CONNECT_TIMEOUT),
             limits=httpx.Limits(max_connections=connections),
@@ -195,7 +197,9 @@ def failure_from(response: httpx.Response) -> GenerationFailed:
         text = "; ".join(problems) or str(body.get("error", ""))
     else:
         text = response.text.strip()[:200] or response.reason_phrase or "empty answer"
-    return GenerationFailed(f"HTTP {status}: {text}", stops_batch=params_refused)
+    if status == 401:  # every other image would be refused the same way
+        text += "; pass --api-key or set BENTOSVD_API_KEY"
+    return GenerationFailed(f"HTTP {status}: {text}", stops_batch=params_refused or status == 401)
 
 
 def describe(error: Exception) -> str:
@@ -467,8 +471,10 @@ def build_parser(model: type[BaseModel] = Params) -> argparse.ArgumentParser:
 
     server = argparse.ArgumentParser(add_help=False)
     server.add_argument("--url", default=os.environ.get("BENTOSVD_URL", DEFAULT_URL),
-                        help="the server (default: $BENTOSVD_URL or %(default)s); "
-                        "$BENTOSVD_TOKEN, if set, is sent as a Bearer token")
+                        help="the server (default: $BENTOSVD_URL or %(default)s)")
+    server.add_argument("--api-key", default=None, metavar="KEY",
+                        help="the server's API key, sent as a Bearer token (default: "
+                        "$BENTOSVD_API_KEY, else $BENTOSVD_TOKEN for BentoCloud)")
     server.add_argument("--timeout", type=float, default=600.0, metavar="S",
                         help="seconds to wait for one video (default %(default)g)")
     server.add_argument("--retries", type=_non_negative, default=5, metavar="N",
@@ -538,7 +544,7 @@ async def generate_command(args, params: dict) -> int:
         print(f"{what}; try {attempt} of {args.retries + 1} in {delay:.1f} s", file=sys.stderr)
 
     started = time.monotonic()
-    async with SVDClient(args.url, timeout=args.timeout, retries=args.retries,
+    async with SVDClient(args.url, timeout=args.timeout, retries=args.retries, api_key=args.api_key,
                          connections=1) as client:
         try:
             await client.check_reachable()
@@ -577,7 +583,7 @@ async def batch_command(args, params: dict) -> int:
     if summary.skipped:
         print(f"skipping {len(summary.skipped)} images whose videos exist", file=sys.stderr)
 
-    async with SVDClient(args.url, timeout=args.timeout, retries=args.retries,
+    async with SVDClient(args.url, timeout=args.timeout, retries=args.retries, api_key=args.api_key,
                          connections=args.concurrency) as client:
         if todo:
             try:

@@ -31,14 +31,43 @@ function describe(status, body) {
   return `The server answered ${status}.`;
 }
 
+// With API_KEYS set on the server every call needs `Authorization: Bearer <key>`: the page
+// asks for the key on the first 401 and keeps it for this tab's session (sessionStorage).
+const KEY_STORE = "bentosvd-api-key";
+
+function withKey(options = {}) {
+  const key = sessionStorage.getItem(KEY_STORE);
+  if (!key) return options;
+  return { ...options, headers: { ...(options.headers || {}), Authorization: `Bearer ${key}` } };
+}
+
 async function request(url, options) {
-  const response = await fetch(url, options);
+  const response = await fetch(url, withKey(options));
   if (!response.ok) {
     const body = await response.json().catch(() => null);
+    if (response.status === 401) askForKey(body);
     throw new ServerError(response.status, body, response.headers.get("Retry-After"));
   }
   return response;
 }
+
+function askForKey(body) {
+  const had = sessionStorage.getItem(KEY_STORE) !== null;
+  sessionStorage.removeItem(KEY_STORE);
+  $("key-problem").textContent = had ? "The server did not accept that key." : "";
+  $("key-problem").hidden = !had;
+  $("key-form").hidden = false;
+  $("key").focus();
+}
+
+$("key-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  sessionStorage.setItem(KEY_STORE, $("key").value.trim());
+  $("key").value = "";
+  $("key-form").hidden = true;
+  hideError();
+  if (info === null) init(); // the settings could not be read without it
+});
 
 const getJSON = async (url, options) => (await request(url, options)).json();
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
@@ -49,7 +78,9 @@ async function init() {
   try {
     info = await getJSON("/info");
   } catch (e) {
-    $("model").textContent = "The server's settings could not be read; reload to try again.";
+    $("model").textContent = e.status === 401
+      ? "The server needs an API key to show its settings."
+      : "The server's settings could not be read; reload to try again.";
     return showError(e);
   }
   $("model").textContent = `Model ${info.model}: ${info.num_frames} frames from a ` +
