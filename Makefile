@@ -24,12 +24,14 @@ serve: import
 	MODEL_VERSION=$(MODEL_VERSION) BENTOML_CONFIG=bentoml_configuration.yaml \
 		$(BIN)/bentoml serve service:svc --port $(PORT)
 
-# The web page's tests drive a headless Chromium: installed with apt-get when missing.
+# The web page's tests drive a headless Chromium, the replica tests a PostgreSQL server:
+# both installed with apt-get when missing.
 # Two pytest processes (pytest-xdist), a test file each: most of a test's time is a server
 # starting or a CPU compile, and one process leaves a core idle much of the time.
 TEST_WORKERS ?= 2
 test: install
 	bash scripts/install_browser.sh
+	bash scripts/install_postgres.sh
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 # The quick loop: the unit tests, no server, no compile (under 2 minutes on 2 cores).

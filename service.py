@@ -93,7 +93,8 @@ _params = JsonField(Params, max_bytes=settings.max_params_bytes,
                     max_depth=settings.max_params_depth, max_digits=settings.max_number_digits)
 for _path in ("/generate", "/jobs"):
     SVD.add_asgi_middleware(RequestGuard, path=_path, json_fields={"params": _params},
-                            max_body_bytes=settings.max_upload_bytes + 64 * 1024)
+                            max_body_bytes=settings.max_upload_bytes + 64 * 1024,
+                            body_timeout=settings.upload_timeout)
 # The web page: static files, index.html at /ui/.
 SVD.mount_asgi_app(StaticFiles(directory=Path(__file__).parent / "bentosvd" / "client" / "ui",
                                html=True), path="/ui")

@@ -91,6 +91,10 @@ class Settings(BaseSettings):
     )
     timeout: int = Field(300, ge=1, description="Seconds a request may take end to end.")
     max_upload_bytes: int = Field(20 * 2**20, ge=1, description="Largest accepted upload.")
+    upload_timeout: float = Field(
+        60, gt=0, description="Seconds a request's body may take to arrive; a slower (or "
+        "stuck) client gets 408 and its buffer is freed.",
+    )
     max_params_bytes: int = Field(
         16 * 2**10, ge=256, description="Largest accepted `params` form field, in bytes.")
     max_params_depth: int = Field(

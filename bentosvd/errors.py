@@ -85,3 +85,9 @@ class InvalidRequest(RequestError):
     """The request's form is wrong: a field missing, repeated or unknown, or bad multipart."""
 
     status_code = 400
+
+
+class RequestTimeout(RequestError):
+    """The request's body did not arrive within the upload deadline (a slow or stuck client)."""
+
+    status_code = 408

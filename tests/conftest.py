@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import psutil
 import pytest
 from PIL import Image
 
@@ -78,14 +79,36 @@ class Server:
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")[-5000:]
 
+    def processes(self) -> list[psutil.Process]:
+        """The server and every process under it (BentoML's service workers each run in a
+        session of their own, so its process group is not all of them)."""
+        try:
+            root = psutil.Process(self.proc.pid)
+            return [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    def kill(self) -> None:
+        """Every process of the server at once, as when its node dies: no shutdown runs."""
+        for process in self.processes():
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
+        self.proc.wait()
+
     def stop(self) -> None:
         if self.proc.poll() is None:
+            processes = self.processes()
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+            # A worker left behind by a server that did not stop cleanly goes too.
+            for process in psutil.wait_procs(processes, timeout=10)[1]:
+                process.kill()
 
 
 def demo_env(bentoml_home: Path, **env: str) -> dict[str, str]:

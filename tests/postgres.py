@@ -10,6 +10,7 @@ import glob
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,21 +26,23 @@ def _unavailable(reason: str):
 
 
 class Postgres:
-    def __init__(self, folder: Path):
+    def __init__(self):
         binaries = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
         if not binaries:
             _unavailable("PostgreSQL is not installed: bash scripts/install_postgres.sh")
         self.bin = Path(binaries[-1]).parent
-        self.folder, self.port = folder, free_port()
-        self.data = folder / "data"
+        # A folder of its own, not under pytest's (only root may enter that one).
+        self.folder, self.port = Path(tempfile.mkdtemp(prefix="bentosvd-postgres-")), free_port()
+        self.data = self.folder / "data"
         self.as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-        folder.mkdir(parents=True, exist_ok=True)
         if self.as_user:
-            shutil.chown(folder, "postgres", "postgres")
+            shutil.chown(self.folder, "postgres", "postgres")
         self.url = f"postgresql://postgres@127.0.0.1:{self.port}/bentosvd"
 
     def _run(self, *args: str, timeout: float = 120) -> None:
-        subprocess.run([*self.as_user, *args], check=True, capture_output=True, timeout=timeout)
+        done = subprocess.run([*self.as_user, *args], capture_output=True, text=True, timeout=timeout)
+        if done.returncode:
+            raise RuntimeError(f"{args[0]} failed ({done.returncode}): {done.stderr[-2000:]}")
 
     def start(self) -> Postgres:
         self._run(str(self.bin / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres",
@@ -55,8 +58,9 @@ class Postgres:
         try:
             self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop",
                       timeout=60)
-        except subprocess.CalledProcessError:
+        except RuntimeError:
             pass
+        shutil.rmtree(self.folder, ignore_errors=True)
 
     def wait_connectable(self, timeout: float = 30) -> None:
         import psycopg

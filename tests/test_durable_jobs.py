@@ -30,9 +30,11 @@ def wait_running(server, job_id: str, timeout: float = 60) -> dict:
 
 
 def kill_9(server) -> None:
-    """The whole server at once, as a node dying would: no shutdown hook runs."""
-    os.killpg(server.proc.pid, signal.SIGKILL)
-    server.proc.wait()
+    """Every process of the server at once, as a node dying would: no shutdown hook runs."""
+    processes = server.processes()
+    assert len(processes) >= 3  # the server, the API service, a GPU worker
+    server.kill()
+    assert not psutil.wait_procs(processes, timeout=10)[1]
 
 
 def worker_process(server) -> psutil.Process:

@@ -122,7 +122,8 @@ class Call:
         self.chunks, self.reads, self.sent = list(chunks), 0, []
         self.app_body: bytes | None = None
         self.app_receive = self.app_next = None
-        guard = RequestGuard(self.app, max_body_bytes=cap, json_fields={"params": PARAMS_FIELD})
+        guard = RequestGuard(self.app, max_body_bytes=cap, body_timeout=60,
+                             json_fields={"params": PARAMS_FIELD})
         asyncio.run(guard(self.scope, self.receive, self.send))
 
     async def receive(self):

@@ -223,6 +223,10 @@ class Generations:
             raise
         except GenerationFailed as e:
             job.fail(e)
+        except Exception as e:  # a bug on this side: the request still gets its answer
+            logger.exception("request %s failed", job.id)
+            job.fail(ServiceError(f"the server failed on request {job.id} ({type(e).__name__}); "
+                                  "its log has the details", status=500, request_id=job.id))
         else:
             self.recent.record(time.monotonic() - started)
             job.timings.update(done.timings)

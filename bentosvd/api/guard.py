@@ -13,9 +13,11 @@ raises before answering (see there why BentoML alone does not).
 
 from __future__ import annotations
 
+import asyncio
 import codecs
 import json
 import logging
+import time
 from dataclasses import dataclass
 
 from pydantic import BaseModel, ValidationError
@@ -27,6 +29,7 @@ from bentosvd.errors import (
     InvalidRequest,
     PayloadTooLarge,
     RequestError,
+    RequestTimeout,
     UnsupportedMediaType,
     error_response,
 )
@@ -87,11 +90,11 @@ class RequestGuard:
     Only POSTs to `path` are checked; every other request passes through untouched.
     """
 
-    def __init__(self, app, *, path: str = "/generate", max_body_bytes: int,
+    def __init__(self, app, *, path: str = "/generate", max_body_bytes: int, body_timeout: float,
                  file_fields=("img",), json_fields: dict[str, JsonField] | None = None) -> None:
         self.app = app
         self.path = path.rstrip("/")
-        self.max_body_bytes = max_body_bytes
+        self.max_body_bytes, self.body_timeout = max_body_bytes, body_timeout
         self.file_fields = tuple(file_fields)
         self.json_fields = dict(json_fields or {})
         self.text_fields = tuple(self.json_fields)
@@ -113,7 +116,10 @@ class RequestGuard:
         except ClientGone:
             return
         except RequestError as e:
-            await error_response(e)(scope, receive, send)
+            response = error_response(e)
+            if isinstance(e, RequestTimeout):  # the rest of the body is not waited for
+                response.headers["Connection"] = "close"
+            await response(scope, receive, send)
             return
         await self.app(scope, _replay(body, receive), send)
 
@@ -146,10 +152,19 @@ class RequestGuard:
                 raise self._too_large(content_length.decode())
 
     async def _read_body(self, receive) -> bytes:
-        # A chunked body has no length up front: stop as soon as it passes the cap.
+        # A chunked body has no length up front: stop as soon as it passes the cap. A body
+        # trickled in (a slow or stuck client) must be whole by the deadline; until then it
+        # holds only its own buffer, never a GPU or a place in the queue.
         body = bytearray()
+        deadline = time.monotonic() + self.body_timeout
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                raise RequestTimeout(
+                    f"the request body did not arrive within {self.body_timeout:g} s "
+                    f"({len(body)} bytes came)", fix="send the whole upload at once, or over "
+                    "a faster connection") from None
             if message["type"] == "http.disconnect":
                 raise ClientGone()
             body += message.get("body", b"")

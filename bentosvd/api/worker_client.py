@@ -67,7 +67,8 @@ class WorkerClient:
                 # The client left (or its job was cancelled): tell the worker to stop.
                 asyncio.ensure_future(self.cancel(index, request_id))
                 raise
-            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError,
+                    aiohttp.ClientPayloadError):  # the last: its process died mid-stream
                 if received or attempt == 2:
                     raise self._gone(request_id) from None
                 # The worker closes idle connections after 5 s while the client pool keeps
