@@ -217,6 +217,8 @@ def test_bentocloud_config_fits_bentoml_schema_and_service(bento):
     assert config["services"]["GenerationWorker"]["instance_type"].startswith("gpu")
     envs = {e["name"]: e["value"] for e in config["envs"]}
     assert envs["MODEL_VERSION"] in VARIANTS
+    assert config["secrets"] == ["bentosvd"]  # API_KEYS and JOBS_DATABASE_URL, not in the file
+    assert not {"API_KEYS", "JOBS_DATABASE_URL"} & envs.keys()
 
 
 # --- Kubernetes -----------------------------------------------------------------------------
@@ -262,9 +264,17 @@ def test_manifests_agree_with_the_service_and_the_image(bento):
     home = dockerfile_value(bento.dockerfile, "ENV", "BENTOML_HOME")
     mounts = {m["mountPath"].rstrip("/"): m for m in container["volumeMounts"]}
     assert mounts[str(Path(home) / "models")]["subPath"] == "models"
-    env = {e["name"]: e["value"] for e in container["env"]}
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert {e["name"] for e in container["env"]} <= {name.upper() for name in Settings.model_fields}
     cache = env["COMPILE_CACHE_DIR"]
     assert any(cache.startswith(path + "/") and not m.get("readOnly") for path, m in mounts.items())
+    # Replicas share the jobs: the folder on the shared volume, writable; the database URL
+    # and the API keys from secrets, never written in the manifest.
+    assert mounts[env["JOBS_DIR"]]["subPath"] == "jobs" and not mounts[env["JOBS_DIR"]].get("readOnly")
+    assert k8s["PersistentVolumeClaim"]["spec"]["accessModes"] == ["ReadWriteMany"]
+    secrets = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"] if "valueFrom" in e}
+    assert set(secrets) == {"JOBS_DATABASE_URL", "API_KEYS"}
+    assert all(not ref.get("optional") for ref in secrets.values())
     uid = int(dockerfile_value(bento.dockerfile, "ARG", "BENTO_USER_UID"))
     assert pod["spec"]["securityContext"]["runAsUser"] == uid
 
