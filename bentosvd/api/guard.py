@@ -24,6 +24,7 @@ from pydantic import BaseModel, ValidationError
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
+from bentosvd.api.upstream_form import translate, uses_upstream_names
 from bentosvd.errors import (
     InvalidParams,
     InvalidRequest,
@@ -110,6 +111,10 @@ class RequestGuard:
             self._check_length(headers.get(b"content-length"))
             body = await self._read_body(receive)
             lister = list_parts(body, boundary, charset, collect=self.json_fields)
+            if uses_upstream_names(lister.parts):  # the upstream sample's form
+                body, boundary = translate(body, boundary, charset)
+                scope = _with_form_headers(scope, boundary, len(body))
+                lister = list_parts(body, boundary, "utf-8", collect=self.json_fields)
             self._check_parts(lister.parts)
             for name, data in lister.contents.items():
                 self.json_fields[name].check(name, data)
@@ -379,6 +384,15 @@ def _headers(scope) -> dict[bytes, bytes]:
     for name, value in scope["headers"]:
         headers.setdefault(name.lower(), value)  # the first one, as Starlette reads it
     return headers
+
+
+def _with_form_headers(scope, boundary: bytes, length: int) -> dict:
+    """`scope` for a rewritten multipart body: its boundary and length."""
+    headers = [(k, v) for k, v in scope["headers"]
+               if k.lower() not in (b"content-type", b"content-length")]
+    headers += [(b"content-type", b"multipart/form-data; charset=utf-8; boundary=" + boundary),
+                (b"content-length", str(length).encode())]
+    return {**scope, "headers": headers}
 
 
 def _replay(body: bytes, receive):
