@@ -22,6 +22,7 @@ from bentosvd.api.auth import ApiKeys, RequireApiKey
 from bentosvd.api.generations import Generations
 from bentosvd.api.guard import AnswerErrors, JsonField, RequestGuard
 from bentosvd.api.routes import PlainRoutes
+from bentosvd.api.webhooks import WebhookSpec
 from bentosvd.config import Params
 from bentosvd.errors import ServiceError, error_response
 from bentosvd.worker.service import WORKERS, settings
@@ -47,12 +48,14 @@ class SVD:
         return response
 
     @bentoml.api(route="/jobs")
-    async def submit_job(self, ctx: bentoml.Context, img: Path, params: Params = Params()) -> dict:
+    async def submit_job(self, ctx: bentoml.Context, img: Path, params: Params = Params(),
+                         webhook: WebhookSpec | None = None) -> dict:
         """Queue a generation and answer at once (202) with its id: follow it at
         `GET /jobs/<id>` (status, queue position, step i of N), fetch the video from
-        `GET /jobs/<id>/result`, stop it with `DELETE /jobs/<id>`."""
+        `GET /jobs/<id>/result`, stop it with `DELETE /jobs/<id>`. With `webhook`, its
+        events are also POSTed to that URL, signed (docs/api.md, webhooks)."""
         try:
-            job = await self.generations.submit(ctx.request, img, params)
+            job = await self.generations.submit(ctx.request, img, params, webhook)
         except ServiceError as e:
             response = error_response(e)
         else:
@@ -91,8 +94,10 @@ SVD.add_asgi_middleware(RequireApiKey, keys=ApiKeys(settings.api_keys, settings.
 SVD.add_asgi_middleware(PlainRoutes)
 _params = JsonField(Params, max_bytes=settings.max_params_bytes,
                     max_depth=settings.max_params_depth, max_digits=settings.max_number_digits)
-for _path in ("/generate", "/jobs"):
-    SVD.add_asgi_middleware(RequestGuard, path=_path, json_fields={"params": _params},
+_webhook = JsonField(WebhookSpec, max_bytes=4096, max_depth=2, max_digits=settings.max_number_digits)
+for _path, _fields in (("/generate", {"params": _params}),
+                       ("/jobs", {"params": _params, "webhook": _webhook})):
+    SVD.add_asgi_middleware(RequestGuard, path=_path, json_fields=_fields,
                             max_body_bytes=settings.max_upload_bytes + 64 * 1024,
                             body_timeout=settings.upload_timeout)
 # The web page: static files, index.html at /ui/.

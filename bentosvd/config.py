@@ -152,6 +152,18 @@ class Settings(BaseSettings):
         False, description="With keys set, /metrics needs one too (open by default for "
         "Prometheus scrapers inside the cluster).",
     )
+    webhook_allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        [], description="Hosts (names, addresses or networks such as `10.0.0.0/8`) that job "
+        "webhooks may be sent to, comma-separated. Empty: webhooks are off.",
+    )
+    webhook_secret: str | None = Field(
+        None, description="The key webhook deliveries are signed with (Standard Webhooks: "
+        "`whsec_` and base64); webhooks need it.",
+    )
+    webhook_max_attempts: int = Field(
+        6, ge=1, le=20, description="Tries of one webhook delivery, waiting 1, 2, 4, ... s "
+        "between them.",
+    )
     max_faults_in_a_row: int = Field(
         3, ge=1, description="Failed generations in a row (GPU out of memory or an unexpected "
         "error in the worker) after which /livez fails."
@@ -216,7 +228,7 @@ class Settings(BaseSettings):
         "compiles nor traces again.",
     )
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "webhook_allowed_hosts", mode="before")
     @classmethod
     def _split_keys(cls, value):
         if isinstance(value, str):  # API_KEYS=key1,key2 (spaces around commas ignored)

@@ -23,6 +23,7 @@ from bentosvd import metrics
 from bentosvd.api.dispatch import Dispatcher, Full, RecentDuration
 from bentosvd.api.jobs import MAX_ATTEMPTS, DatabaseUnavailable, Job, JobStore
 from bentosvd.api.planning import choose_format, plan_generation
+from bentosvd.api.webhooks import Webhooks, WebhookSpec
 from bentosvd.api.worker_client import GenerationFailed, WorkerClient, WorkerGone
 from bentosvd.config import DEMO_WARNING, Params, Settings, Variant
 from bentosvd.errors import PayloadTooLarge, ServiceError, error_response
@@ -58,6 +59,8 @@ class Generations:
                              max_finished=settings.max_finished_jobs,
                              max_bytes=settings.max_job_bytes, lease=settings.job_lease)
         self.client = WorkerClient(workers, timeout=settings.timeout, retry_after=self.retry_after)
+        self.webhooks = Webhooks(settings.webhook_allowed_hosts, settings.webhook_secret,
+                                 max_attempts=settings.webhook_max_attempts)
         self.silent_since: dict[int, float] = {}  # worker -> when it first left /livez unanswered
         self._keeper: asyncio.Task | None = None
 
@@ -75,6 +78,7 @@ class Generations:
         if self._keeper is not None:
             self._keeper.cancel()
         await self.jobs.put_back()
+        await self.webhooks.close()
         tasks = [job.task for job in list(self.jobs.local.values())
                  if job.task is not None and not job.task.done()]
         for task in tasks:  # their workers stop at the next step
@@ -147,13 +151,17 @@ class Generations:
                 logger.info("the client disconnected; its generation was cancelled")
         return self.answer(job)
 
-    async def submit(self, request, img: Path, params: Params) -> Job:
+    async def submit(self, request, img: Path, params: Params,
+                     webhook: WebhookSpec | None = None) -> Job:
         """Admit a request as an async job that runs on while its id is answered; it is
         recorded first, so that a restart or another replica finds it."""
+        if webhook is not None:
+            await asyncio.to_thread(self.webhooks.validate, webhook)  # may resolve a name
         job = await self.admit(request, img, params)
         work = job.work
+        job.webhook = webhook.model_dump() if webhook is not None else None
         record = {"params": params.model_dump(mode="json"), "job": work.job.model_dump(mode="json"),
-                  "output": work.output.model_dump(mode="json")}
+                  "output": work.output.model_dump(mode="json"), "webhook": job.webhook}
         try:
             await self.jobs.add(job, record, work.image)
         except DatabaseUnavailable as e:
@@ -161,6 +169,7 @@ class Generations:
             raise ServiceError(f"{e}; the job was not accepted", status=503,
                                retry_after=self.retry_after()) from None
         job.task = asyncio.create_task(self.run(job))
+        self.webhooks.notify(job.id, job.webhook, "queued", job.to_json())
         return job
 
     async def admit(self, request, img: Path, params: Params) -> Job:
@@ -195,6 +204,8 @@ class Generations:
         finally:
             if stored and job.finished:
                 await asyncio.shield(self.jobs.finish(job))
+                event = {"succeeded": "completed"}.get(job.status, job.status)
+                self.webhooks.notify(job.id, job.webhook, event, job.to_json())
 
     async def _run_once(self, job: Job, stored: bool) -> None:
         ticket, work, started = job.ticket, job.work, time.monotonic()
@@ -209,6 +220,7 @@ class Generations:
                 ticket.leave()
             if stored and isinstance(event, (Started, Step)):
                 self.jobs.progressed(job)
+                self.webhooks.notify(job.id, job.webhook, "progress", job.to_json())
 
         try:
             index = await ticket.wait()

@@ -60,6 +60,7 @@ class Job:
     ticket: object | None = None  # the dispatcher's Ticket while waiting / running
     task: asyncio.Task | None = None  # the generation, for async jobs
     last_work: object | None = None  # the work of the last attempt, for another one
+    webhook: dict | None = None  # WebhookSpec's fields, when the job asked for webhooks
     queue_position: int | None = None  # as last recorded, for a job run by another replica
 
     @property
@@ -283,10 +284,10 @@ class JobStore:
                 if attempt is None:
                     continue  # another replica was first
                 row = self.db.get(job_id)
+                request = self.db.request(job_id)
                 job = Job(id=job_id, seed=row["seed"], format=row["format"],
                           total_steps=row["total_steps"], attempt=attempt,
-                          created_at=row["created_at"])
-                request = self.db.request(job_id)
+                          created_at=row["created_at"], webhook=request.get("webhook"))
                 image = None
                 if attempt <= MAX_ATTEMPTS:
                     try:
