@@ -91,7 +91,7 @@ SVD = bentoml.service(name="svd-service", traffic={"timeout": settings.timeout})
 SVD.add_asgi_middleware(AnswerErrors)
 SVD.add_asgi_middleware(RequireApiKey, keys=ApiKeys(settings.api_keys, settings.api_keys_file),
                         metrics_open=not settings.metrics_need_key)
-SVD.add_asgi_middleware(PlainRoutes)
+SVD.add_asgi_middleware(PlainRoutes, openapi=lambda: SVD.openapi_spec.asdict())
 _params = JsonField(Params, max_bytes=settings.max_params_bytes,
                     max_depth=settings.max_params_depth, max_digits=settings.max_number_digits)
 _webhook = JsonField(WebhookSpec, max_bytes=4096, max_depth=2, max_digits=settings.max_number_digits)

@@ -9,8 +9,10 @@ by the `PlainRoutes` middleware; each reaches the running API service through
 from __future__ import annotations
 
 import asyncio
+from typing import Literal
 
 import bentoml
+from pydantic import BaseModel, Field
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Match, Route
 
@@ -105,12 +107,93 @@ ROUTES = [
 ]
 
 
+class JobState(BaseModel):
+    """A job's JSON (`Job.to_json`), as GET /jobs/{id} answers it."""
+
+    id: str
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    queue_position: int | None
+    step: int
+    total_steps: int
+    seed: int
+    format: str
+    attempt: int
+    error: dict | None = Field(description="a failed job's error, in the one error shape")
+    created_at: float
+    finished_at: float | None
+    timings: dict[str, float]
+    status_url: str
+    result_url: str
+
+
+class ErrorBody(BaseModel):
+    error: str
+    message: str
+    field: str | None = None
+    fix: str | None = None
+    request_id: str | None = None
+
+
+def _json(model: type[BaseModel] | None, description: str) -> dict:
+    content = {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}} \
+        if model else {}
+    return {"description": description, **({"content": content} if content else {})}
+
+
+_ERRORS = {"401": _json(ErrorBody, "an API key is needed (API_KEYS)"),
+           "404": _json(ErrorBody, "no such job, or forgotten")}
+_JOB_ID = [{"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}]
+VIDEO_TYPES = {fmt.media_type: {"schema": {"type": "string", "format": "binary"}}
+               for fmt in FORMATS.values()}
+
+# What ROUTES do, in OpenAPI: added to BentoML's own schema at /docs.json, so that
+# generated clients see the whole API (tests/test_openapi.py checks every route is there).
+OPENAPI_PATHS = {
+    "/info": {"get": {
+        "tags": ["Service APIs"], "summary": "The model, its sizes, and every param's schema",
+        "operationId": "info",
+        "responses": {"200": {"description": "the model and its params",
+                              "content": {"application/json": {"schema": {"type": "object"}}}},
+                      "401": _ERRORS["401"]}}},
+    "/jobs/{job_id}": {
+        "get": {"tags": ["Service APIs"], "summary": "A job's status, queue position and step",
+                "operationId": "job_status", "parameters": _JOB_ID,
+                "responses": {"200": _json(JobState, "the job"), **_ERRORS}},
+        "delete": {"tags": ["Service APIs"], "operationId": "job_cancel",
+                   "summary": "Cancel a queued or running job; forget a finished one",
+                   "parameters": _JOB_ID,
+                   "responses": {"200": _json(JobState, "the job as it was cancelled"), **_ERRORS}}},
+    "/jobs/{job_id}/result": {"get": {
+        "tags": ["Service APIs"], "summary": "The finished job's video, or its error",
+        "operationId": "job_result", "parameters": _JOB_ID,
+        "responses": {"200": {"description": "the video", "content": VIDEO_TYPES},
+                      "409": _json(ErrorBody, "not finished yet"),
+                      "410": _json(ErrorBody, "cancelled, or its video no longer kept"),
+                      **_ERRORS}}},
+}
+SCHEMAS = {model.__name__: model.model_json_schema(ref_template="#/components/schemas/{model}")
+           for model in (JobState, ErrorBody)}
+
+
+def with_plain_routes(spec: dict) -> dict:
+    """BentoML's OpenAPI schema with ROUTES added."""
+    spec = {**spec, "paths": {**spec.get("paths", {}), **OPENAPI_PATHS}}
+    components = dict(spec.get("components") or {})
+    components["schemas"] = {**components.get("schemas", {}), **SCHEMAS}
+    spec["components"] = components
+    return spec
+
+
 class PlainRoutes:
     """ASGI middleware: a request that fully matches one of `routes` is answered here,
-    anything else goes on to BentoML."""
+    anything else goes on to BentoML. `openapi()` gives BentoML's schema, served at
+    /docs.json with these routes added."""
 
-    def __init__(self, app, routes: list[Route] = ROUTES):
+    def __init__(self, app, routes: list[Route] = ROUTES, openapi=None):
         self.app, self.routes = app, routes
+        if openapi is not None:
+            self.routes = [*routes, Route("/docs.json", lambda request: JSONResponse(
+                with_plain_routes(openapi())), methods=["GET"])]
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":
