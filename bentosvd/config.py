@@ -302,14 +302,16 @@ class Params(BaseModel):
         description="Frames to generate (2 to the variant's frame count); null: the variant's.",
     )
     num_inference_steps: int | None = Field(
-        None, ge=1, le=MAX_STEPS, description="Denoising steps; null: the variant's (25)."
+        None, ge=1, le=MAX_STEPS, description="Denoising steps; null: the variant's."
     )
+    # At least 1: below it diffusers silently turns guidance off, which Stability's own
+    # sampler does not; refused rather than quietly meaning something else.
     min_guidance_scale: float | None = Field(
-        None, ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False,
-        description="Guidance for the first frame; null: the variant's.",
+        None, ge=1.0, le=MAX_GUIDANCE, allow_inf_nan=False,
+        description="Guidance for the first frame (at least 1); null: the variant's.",
     )
     max_guidance_scale: float | None = Field(
-        None, ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False,
+        None, ge=1.0, le=MAX_GUIDANCE, allow_inf_nan=False,
         description="Guidance for the last frame (at least min_guidance_scale); null: the variant's.",
     )
     sizing: Literal["crop", "pad", "fit"] = Field(

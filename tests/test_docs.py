@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bentosvd.config import Params, Settings
+from bentosvd.config import VARIANTS, Params, Settings
 from tests.conftest import ROOT
 
 README_PATH = ROOT / "README.md"
@@ -143,3 +143,11 @@ def test_the_link_check_sees_links():
     links = relative_links(README_PATH)
     assert "docs/api.md" in links and "docs/configuration.md#importing-weights" in links, links
     assert "post-generate" in anchors(ROOT / "docs" / "api.md")
+
+
+@pytest.mark.parametrize("field", ["num_inference_steps", "min_guidance_scale", "max_guidance_scale"])
+def test_the_readme_shows_each_variants_own_default(field):
+    row = next(line for line in README.splitlines() if line.startswith(f"| `{field}` |"))
+    default_cell = row.split("|")[2]
+    for name in ("svd", "svd_xt"):
+        assert f"{getattr(VARIANTS[name], field)} ({name})" in default_cell, (name, row)

@@ -129,6 +129,7 @@ def test_optional_params_change_the_video(server, test_image, tmp_path):
     ({"num_frames": DEMO.num_frames + 1}, "params.num_frames"),
     ({"num_frames": 4, "decoding_t": 5}, "params.decoding_t"),
     ({"min_guidance_scale": 3.0, "max_guidance_scale": 2.0}, "params.max_guidance_scale"),
+    ({"min_guidance_scale": 0.5}, "params.min_guidance_scale"),  # diffusers: guidance off
     ({"fps_id": 6, "interpolate_fps": 7}, "params.interpolate_fps"),
     ({"format": "gif", "interpolate_fps": 60}, "params.format"),
 ])
