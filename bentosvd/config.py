@@ -314,9 +314,11 @@ class Params(BaseModel):
         None, ge=1.0, le=MAX_GUIDANCE, allow_inf_nan=False,
         description="Guidance for the last frame (at least min_guidance_scale); null: the variant's.",
     )
-    sizing: Literal["crop", "pad", "fit"] = Field(
+    sizing: Literal["crop", "pad", "fit", "native"] = Field(
         "crop", description="How the image meets the model's size: crop (cover, cut the "
-        "centre), pad (fit inside, black bars) or fit (stretch).",
+        "centre), pad (fit inside, black bars), fit (stretch), or native (the upstream "
+        "sample's: the image's own size within the model's pixels, sides rounded down to "
+        "a multiple of 64).",
     )
     orientation: Literal["auto", "landscape", "portrait"] = Field(
         "auto", description="Video orientation: auto follows the image (portrait if taller "

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from bentosvd.errors import InvalidImage, PayloadTooLarge, UnsupportedMediaType
-from bentosvd.media.images import ALLOWED_FORMATS, decode_upload, target_size, to_rgb
+from bentosvd.media.images import ALLOWED_FORMATS, decode_upload, native_size, target_size, to_rgb
 
 SMALL = (64, 48)  # a landscape model size that keeps the tests fast
 RED, GREEN, BLUE, WHITE, BLACK = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255), (0, 0, 0)
@@ -298,6 +298,19 @@ def test_output_size_is_exact(size, sizing):
     out = decode_upload(encode(Image.new("RGB", size, RED), "PNG"), SMALL, sizing=sizing)
     w, h = target_size(*size, SMALL)
     assert out.shape == (h, w, 3)
+
+
+@pytest.mark.parametrize(("size", "budget", "expected"), [
+    ((1000, 700), (256, 144), (192, 128)),  # scaled to 229x160, rounded down
+    ((1024, 576), (1024, 576), (1024, 576)),  # the model's own: unchanged
+    ((1280, 720), (1024, 576), (1024, 576)),  # more pixels than the model's: scaled
+    ((600, 900), (1024, 576), (576, 896)),  # portrait stays portrait, within the budget
+    ((100, 70), (1024, 576), (64, 64)),  # small: at least 64 a side
+])
+def test_native_sizing_keeps_the_images_own_size_in_multiples_of_64(size, budget, expected):
+    assert native_size(*size, budget[0] * budget[1]) == expected
+    out = decode_upload(encode(Image.new("RGB", size, RED), "PNG"), budget, sizing="native")
+    assert out.shape == (expected[1], expected[0], 3)
 
 
 # A 300x50 image of green | red | blue bands, sized to 64x48; colours sampled at columns

@@ -13,7 +13,7 @@ import pytest
 
 from bentosvd.config import VARIANTS
 from bentosvd.media.video import probe_video
-from tests.conftest import ROOT, demo_env
+from tests.conftest import ROOT, demo_env, make_image
 from tests.test_service import DEMO, assert_video, post
 
 
@@ -147,8 +147,17 @@ def test_info_gives_the_models_sizes_and_bounds(server):
     assert params["fps_id"]["minimum"] == 1 and params["fps_id"]["maximum"] == 30
     assert params["decoding_t"]["maximum"] == DEMO.num_frames  # the model's, not the schema's 25
     assert params["num_inference_steps"]["default"] == DEMO.num_inference_steps
-    assert params["sizing"]["enum"] == ["crop", "pad", "fit"]
+    assert params["sizing"]["enum"] == ["crop", "pad", "fit", "native"]
     assert VARIANTS["svd_xt"].num_frames == 25
+
+
+def test_native_sizing_keeps_the_images_own_shape_in_multiples_of_64(server, tmp_path):
+    """The upstream sample's sizing: a 1000x700 image within the demo's 256x144 pixels is
+    229x160, rounded down to 192x128."""
+    image = make_image(tmp_path / "wide.png", size=(1000, 700))
+    response = post(server, image, {"seed": 1, "sizing": "native"})
+    assert response.status_code == 200, response.text
+    assert_video(response.content, frames=DEMO.num_frames, fps=7, size=(192, 128))
 
 
 def test_each_answer_says_where_its_time_went(server, test_image):

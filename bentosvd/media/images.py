@@ -22,7 +22,8 @@ untrusted uploads. Multi-picture JPEGs from cameras (Pillow's "MPO") count as JP
 
 _FIX = "Upload a PNG, JPEG or WebP image."
 _SMALLER = "Upload an image with fewer pixels."
-_SIZINGS = ("crop", "pad", "fit")
+_SIZINGS = ("crop", "pad", "fit", "native")
+NATIVE_MULTIPLE = 64  # sides the upstream sample rounds the image down to
 _WHITE = (255, 255, 255, 255)
 
 
@@ -31,6 +32,14 @@ def target_size(width: int, height: int, landscape: tuple[int, int]) -> tuple[in
     or square, swapped (576, 1024) for portrait (height > width)."""
     lw, lh = landscape
     return (lh, lw) if height > width else (lw, lh)
+
+
+def native_size(width: int, height: int, budget: int) -> tuple[int, int]:
+    """The upstream sample's size: the image's own, scaled down (aspect kept) to at most
+    `budget` pixels, each side rounded down to a multiple of 64 (at least 64)."""
+    scale = min(1.0, (budget / (width * height)) ** 0.5)
+    return tuple(max(NATIVE_MULTIPLE, int(side * scale) // NATIVE_MULTIPLE * NATIVE_MULTIPLE)
+                 for side in (width, height))
 
 
 def decode_upload(
@@ -47,7 +56,8 @@ def decode_upload(
 
     `source` is a file path or the file's bytes. The size is `target_size(w, h, landscape)`
     after EXIF orientation, or `landscape` / its swap when `orientation` forces one; `sizing` says how to get there: "crop" scales to cover it and
-    cuts the centre out, "pad" scales to fit inside it on black bars, "fit" stretches.
+    cuts the centre out, "pad" scales to fit inside it on black bars, "fit" stretches, "native" keeps the
+    image's own size (`native_size`: the upstream sample's), ignoring `orientation`.
     Transparent pixels are shown over white; animated PNG/WebP give their first frame.
 
     Raises InvalidImage (400) for empty, corrupt or truncated files, a side under `min_side`
@@ -84,7 +94,10 @@ def decode_upload(
     size = target_size(*rgb.size, landscape)
     if orientation != "auto":
         size = landscape if orientation == "landscape" else landscape[::-1]
-    if sizing == "crop":
+    if sizing == "native":  # the image's own size and orientation, within the model's pixels
+        rgb = ImageOps.fit(rgb, native_size(*rgb.size, landscape[0] * landscape[1]),
+                           Image.Resampling.LANCZOS)
+    elif sizing == "crop":
         rgb = ImageOps.fit(rgb, size, Image.Resampling.LANCZOS)
     elif sizing == "pad":
         rgb = ImageOps.pad(rgb, size, Image.Resampling.LANCZOS, color=(0, 0, 0))

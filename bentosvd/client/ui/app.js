@@ -217,7 +217,8 @@ async function pick(file) {
 
 // Draw the image as the server will size it: landscape and square images become
 // width×height, portrait ones height×width; "crop" covers and cuts the centre, "pad" fits
-// inside on black bars, "fit" stretches. Transparent pixels show over white, as there.
+// inside on black bars, "fit" stretches, "native" keeps the image's own size in 64s.
+// Transparent pixels show over white, as there.
 function drawPreview() {
   if (!image) return;
   const canvas = $("preview");
@@ -229,8 +230,14 @@ function drawPreview() {
     return;
   }
   const { width: w, height: h } = image.bitmap;
-  const [W, H] = w >= h ? [info.width, info.height] : [info.height, info.width];
   const sizing = $("param-sizing")?.value || "crop";
+  let [W, H] = w >= h ? [info.width, info.height] : [info.height, info.width];
+  if (sizing === "native") {
+    // The image's own size within the model's pixels, sides rounded down to 64s (then
+    // covered and cut, as "crop"): bentosvd/media/images.py, native_size.
+    const scale = Math.min(1, Math.sqrt((info.width * info.height) / (w * h)));
+    [W, H] = [w, h].map((side) => Math.max(64, Math.floor((side * scale) / 64) * 64));
+  }
   let [dw, dh] = [W, H];
   if (sizing !== "fit") {
     const scale = (sizing === "pad" ? Math.min : Math.max)(W / w, H / h);
