@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -156,11 +157,15 @@ def test_without_keys_nothing_is_asked_and_metrics_are_open_by_default():
         await middleware({"type": "http", "path": path, "headers": []}, None, send)
         return sent
 
+    def run(coroutine):  # in a thread of its own: the browser tests leave a loop running here
+        with ThreadPoolExecutor(1) as thread:
+            return thread.submit(asyncio.run, coroutine).result()
+
     open_door = RequireApiKey(app, ApiKeys([]))
-    asyncio.run(call(open_door, "/generate"))
+    run(call(open_door, "/generate"))
     keyed_default = RequireApiKey(app, ApiKeys(["k"]))
-    asyncio.run(call(keyed_default, "/metrics"))
-    sent = asyncio.run(call(keyed_default, "/info"))
+    run(call(keyed_default, "/metrics"))
+    sent = run(call(keyed_default, "/info"))
     assert seen == ["/generate", "/metrics"]
     assert sent[0]["status"] == 401
     assert json.loads(sent[1]["body"])["error"] == "Unauthorized"

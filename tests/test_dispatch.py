@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from bentosvd.api.dispatch import Dispatcher, Full, RecentDuration
-from bentosvd.api.jobs import Job, JobStore
+from bentosvd.api.jobs import Job
 from bentosvd.errors import ServiceError
 
 
@@ -54,18 +54,6 @@ def test_retry_after_follows_recent_generation_times():
     recent.record(9.0)  # moving average: 0.8 * 4 + 0.2 * 9 = 5
     assert recent.retry_after(ahead=1, workers=1) == 5
     assert recent.retry_after(ahead=0, workers=8) == 1  # never below one second
-
-
-def test_job_store_forgets_finished_jobs_by_age_then_by_count():
-    store = JobStore(ttl=100, max_finished=2)
-    jobs = [store.add(Job(seed=i, format="mp4", total_steps=8)) for i in range(4)]
-    for i, job in enumerate(jobs[:3]):
-        job.succeed(b"video", "video/mp4")
-        job.finished_at = 1000.0 + i
-    store.prune(now=1050)  # three finished, two kept: the oldest goes; running ones stay
-    assert [j.id in store._jobs for j in jobs] == [False, True, True, True]
-    store.prune(now=1101.5)  # job 1 finished at 1001: past its 100 s
-    assert store._jobs.keys() == {jobs[2].id, jobs[3].id}
 
 
 def test_job_json_says_where_it_is():
