@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tests.conftest import ROOT
-from tests.fake_hub import GOOD_TOKEN, FakeHub, make_tiny_repo
+from tests.fake_hub import GOOD_TOKEN, NOT_GRANTED_TOKEN, FakeHub, closed_port_url, make_tiny_repo
 
 SVD_XT = "stabilityai/stable-video-diffusion-img2vid-xt"
 
@@ -73,11 +73,70 @@ def test_hub_import_registers_variant_and_encoder(tmp_path, hub_root):
         assert models(tmp_path).keys() == tags.keys()  # re-running registers nothing new
 
 
+def assert_one_paragraph(result: subprocess.CompletedProcess, *phrases: str) -> None:
+    """Exit 1 and the one message on stderr, no traceback (that takes --debug)."""
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    # After the download's progress bars, if any: the message, then the --debug hint.
+    message = result.stderr[result.stderr.index("import_model.py: "):]
+    assert len(message.splitlines()) <= 6 and message.rstrip().endswith("shows the traceback)")
+    for phrase in phrases:
+        assert phrase in message, (phrase, message)
+
+
 def test_hub_import_without_token_says_how_to_fix(tmp_path, hub_root):
     with FakeHub(hub_root) as hub:
         result = run(tmp_path, "import_model.py", "--variant", "svd_xt", HF_ENDPOINT=hub.url)
-    assert result.returncode != 0
-    assert "HF_TOKEN" in result.stderr and f"huggingface.co/{SVD_XT}" in result.stderr
+    assert_one_paragraph(result, "HF_TOKEN", f"huggingface.co/{SVD_XT}")
+
+
+@pytest.mark.parametrize("args,env,phrases", [
+    ((), {"HF_TOKEN": NOT_GRANTED_TOKEN}, ("licence", "not been granted", "HTTP 403")),
+    (("--revision", "no-such-branch"), {"HF_TOKEN": GOOD_TOKEN}, ("Revision 'no-such-branch' was not found",)),
+], ids=["licence not accepted", "bad revision"])
+def test_hub_failures_are_one_paragraph(tmp_path, hub_root, args, env, phrases):
+    with FakeHub(hub_root) as hub:
+        result = run(tmp_path, "import_model.py", "--variant", "svd_xt", *args,
+                     HF_ENDPOINT=hub.url, **env)
+    assert_one_paragraph(result, *phrases)
+
+
+def test_an_unreachable_hub_is_one_paragraph_and_debug_shows_the_traceback(tmp_path):
+    url = closed_port_url()
+    result = run(tmp_path, "import_model.py", "--variant", "svd_xt", HF_ENDPOINT=url, HF_TOKEN=GOOD_TOKEN)
+    assert_one_paragraph(result, "could not be reached", url, "--from-dir")
+    debug = run(tmp_path, "import_model.py", "--variant", "svd_xt", HF_ENDPOINT=url,
+                HF_TOKEN=GOOD_TOKEN, BENTOSVD_DEBUG="1")
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_a_full_disk_is_one_paragraph(monkeypatch, capsys, tmp_path):
+    """ENOSPC cannot be made here without mounting a small file system; the download is
+    made to raise it where huggingface_hub would."""
+    import errno
+
+    from bentosvd.weights import hub, importer
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "blob"))
+
+    monkeypatch.setattr(hub, "download_variant", full)
+    monkeypatch.setenv("BENTOML_HOME", str(tmp_path))
+    assert importer.main(["--variant", "svd_xt"]) == 1
+    err = capsys.readouterr().err
+    assert "the disk is full writing" in err and "HF_HOME" in err and "Traceback" not in err
+
+
+def test_a_bug_still_shows_its_traceback(monkeypatch, tmp_path):
+    from bentosvd.weights import hub, importer
+
+    def bug(*args, **kwargs):
+        raise KeyError("not a user's problem")
+
+    monkeypatch.setattr(hub, "download_variant", bug)
+    monkeypatch.setenv("BENTOML_HOME", str(tmp_path))
+    with pytest.raises(KeyError):
+        importer.main(["--variant", "svd_xt"])
 
 
 def test_image_decoder_variant_from_dir_serves_frame_wise_vae(tmp_path, hub_root):

@@ -11,9 +11,13 @@ Re-running is safe: a model with the same files is not registered twice.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import sys
 import tempfile
 from pathlib import Path
+
+from pydantic import ValidationError
 
 from bentosvd.config import VARIANTS, Settings
 
@@ -59,7 +63,42 @@ def stage_real(variant_name: str, dest: Path, args: argparse.Namespace) -> dict:
     return {"source": source, "revision": info["revision"] or "unknown", "dtype": info["dtype"]}
 
 
+DEBUG_ENV = "BENTOSVD_DEBUG"  # set (or --debug): a failure shows its traceback too
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The command: 0 once registered; on a failure the user can act on (the hub, the
+    network, the disk), one paragraph on stderr and 1, the traceback only with --debug."""
+    args = _parser().parse_args(argv)
+    try:
+        return _import(args)
+    except Exception as e:
+        problem = explain(e)
+        if problem is None or args.debug or os.environ.get(DEBUG_ENV):
+            raise
+        print(f"import_model.py: {problem}\n(--debug or {DEBUG_ENV}=1 shows the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+def explain(error: Exception) -> str | None:
+    """The one paragraph for a failure the user can act on; None for a bug."""
+    from bentosvd.weights.hub import DownloadError
+    from bentosvd.weights.store import MissingModel
+
+    if isinstance(error, (DownloadError, MissingModel)):
+        return str(error)
+    if isinstance(error, ValidationError):  # a setting such as MODEL_VERSION out of range
+        return f"a setting is invalid: {error}"
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        where = f" writing {error.filename}" if error.filename else ""
+        return (f"the disk is full{where}. Free some space, or point HF_HOME (the download "
+                "cache) and TMPDIR (the staging folder) at a bigger disk, then re-run the same "
+                "command: files that finished downloading are kept.")
+    return None
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variant", choices=sorted(VARIANTS), default=None,
                         help="variant to register (default: $MODEL_VERSION, else svd)")
@@ -72,8 +111,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="Hugging Face token (default: $HF_TOKEN)")
     parser.add_argument("--if-missing", action="store_true",
                         help="do nothing if the variant is already registered (make serve)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--debug", action="store_true",
+                        help=f"on a failure, show the traceback too (also: {DEBUG_ENV}=1)")
+    return parser
 
+
+def _import(args: argparse.Namespace) -> int:
     from bentosvd.weights.store import MissingModel, find_models, register_variant
 
     variant = VARIANTS[args.variant or Settings().model_version]
@@ -86,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{variant_tag} (with {encoder_tag}) is registered already")
             return 0
     if variant.name == "demo" and (args.from_dir or args.synthetic):
-        parser.error("the demo variant is built in code: drop --from-dir / --synthetic")
+        _parser().error("the demo variant is built in code: drop --from-dir / --synthetic")
     with tempfile.TemporaryDirectory(prefix="bentosvd-import-") as tmp:
         staged = Path(tmp)
         if variant.name == "demo" or args.synthetic:
