@@ -189,3 +189,20 @@ def test_bentofile_serve(start_server, test_image):
     response = post(server, test_image, {"seed": 0})
     assert response.status_code == 200, response.text
     assert response.headers["x-model"] == "demo"
+
+
+def test_the_start_log_is_clean_and_says_ready_once(server):
+    """No warning a user cannot act on (the demo's own is one they can), no progress bars,
+    and one line at ready: the model, the device, the speed-ups, where the page is."""
+    server.wait_ready()
+    deadline = time.monotonic() + 30
+    while "ready: " not in server.log.read_text(errors="replace") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    log = server.log.read_text(errors="replace")
+    log = log[:log.index("\n", log.index("] ready: "))]  # the start: up to the ready line
+    warnings = [line for line in log.splitlines() if "[WARNING]" in line or "[ERROR]" in line]
+    assert all("demo model: tiny random weights" in line for line in warnings), warnings
+    for noise in ("[transformers]", "torchvision", "Loading weights", "it/s]", "Traceback"):
+        assert noise not in log, noise
+    (ready,) = [line for line in log.splitlines() if "] ready: " in line]
+    assert "svd_demo" in ready and "on cpu" in ready and "speed-ups:" in ready and "/ui/" in ready

@@ -63,6 +63,7 @@ class Generations:
                                  max_attempts=settings.webhook_max_attempts)
         self.silent_since: dict[int, float] = {}  # worker -> when it first left /livez unanswered
         self._keeper: asyncio.Task | None = None
+        self._announced = False  # the one line at ready
 
     # ------------------------------------------------------------------ the async jobs
 
@@ -113,11 +114,18 @@ class Generations:
             await asyncio.sleep(JOB_HEARTBEAT)
 
     async def _workers_answer(self) -> bool:
+        """Whether every worker answers (loaded); the first time, the one line at ready."""
         try:
-            await asyncio.gather(*(self.client.health(i) for i in range(self.settings.gpu_workers)))
-            return True
+            health = await asyncio.gather(*(self.client.health(i)
+                                            for i in range(self.settings.gpu_workers)))
         except Exception:
             return False
+        if not self._announced:
+            self._announced = True
+            for i, h in enumerate(health):
+                logger.info("ready: %s on %s (worker %d), speed-ups: %s; the web page is at /ui/, "
+                            "the API at /docs", h.get("model"), h.get("device"), i, h.get("speedups"))
+        return True
 
     async def _resume(self, job: Job, request: dict, image: np.ndarray | None) -> None:
         """Run a job taken over from a dead replica (or this server before a restart)."""

@@ -74,7 +74,8 @@ class AnswerErrors:
             if answered:
                 raise
             if scope["path"].rstrip("/") == "/readyz":
-                logger.info("not ready: a GPU worker did not answer its readiness probe (%r)", e)
+                # Every probe while a worker loads: not worth a line each at the default level.
+                logger.debug("not ready: a GPU worker did not answer its readiness probe (%r)", e)
                 response = error_response(
                     503, "a GPU worker did not answer its readiness probe in time; it is "
                     "probably still loading the model", retry_after=5)

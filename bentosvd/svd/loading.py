@@ -8,8 +8,11 @@ from pathlib import Path
 
 import diffusers
 import torch
+import transformers
 from diffusers import EulerDiscreteScheduler, UNetSpatioTemporalConditionModel
-from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+# The PIL image processor: what transformers falls back to without torchvision (not a
+# dependency), named directly so that no start logs a warning about it.
+from transformers import CLIPImageProcessorPil, CLIPVisionModelWithProjection
 
 # Folders inside the variant's model directory; the image encoder has a model of its own.
 PIPELINE_PARTS = ("unet", "vae", "scheduler", "feature_extractor")
@@ -56,6 +59,10 @@ def load_parts(pipeline_dir: Path, image_encoder_dir: Path, device: torch.device
     Into CPU memory first, then copied: reading the files straight onto the GPU
     (device_map) was no faster (docs/journal.md, 2026-11-27)."""
     pipeline_dir, image_encoder_dir = Path(pipeline_dir), Path(image_encoder_dir)
+    # Loading takes a second or two from a local store: a progress bar per part in the
+    # server's log says nothing the "loaded ... in N s" line does not.
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.disable_progress_bar()
     # The vae is either SVD's temporal decoder or, for *_image_decoder, a frame-wise
     # AutoencoderKL: its config names the class.
     vae_class = json.loads((pipeline_dir / "vae" / "config.json").read_text())["_class_name"]
@@ -69,5 +76,5 @@ def load_parts(pipeline_dir: Path, image_encoder_dir: Path, device: torch.device
         model = cls.from_pretrained(folder, variant=_weights_variant(folder), torch_dtype=dtype)
         parts[name] = model.to(device).eval().requires_grad_(False)
     parts["scheduler"] = EulerDiscreteScheduler.from_pretrained(pipeline_dir / "scheduler")
-    parts["feature_extractor"] = CLIPImageProcessor.from_pretrained(pipeline_dir / "feature_extractor")
+    parts["feature_extractor"] = CLIPImageProcessorPil.from_pretrained(pipeline_dir / "feature_extractor")
     return parts

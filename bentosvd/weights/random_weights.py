@@ -15,7 +15,7 @@ from diffusers import (
     UNetSpatioTemporalConditionModel,
 )
 from transformers import (
-    CLIPImageProcessor,
+    CLIPImageProcessorPil,
     CLIPVisionConfig,
     CLIPVisionModelWithProjection,
 )
@@ -85,5 +85,5 @@ def _with_processors(**models) -> dict:
     return dict(
         **models,
         scheduler=EulerDiscreteScheduler(**SCHEDULER_CONFIG),
-        feature_extractor=CLIPImageProcessor(**FEATURE_EXTRACTOR_CONFIG),
+        feature_extractor=CLIPImageProcessorPil(**FEATURE_EXTRACTOR_CONFIG),
     )

@@ -13,7 +13,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -99,6 +99,9 @@ class Engine:
                                              cache_dir=compiled_blocks.folder(settings.compile_cache_dir))
         logger.info("loaded %s (%s) on %s in %.1f s with %s", name, variant.description, device,
                     time.perf_counter() - started, speedups)
+        # What GET health tells the API for its one line at ready.
+        on = [f.name for f in fields(speedups) if getattr(speedups, f.name) not in (False, 0, None)]
+        self.description = {"model": name, "device": device, "speedups": ", ".join(on) or "none"}
         if speedups.compile_unet:
             # Compile now so /readyz turns 200 only once a request will not stall for minutes;
             # other shapes (num_frames, orientation, decoding_t for the decoder) then run

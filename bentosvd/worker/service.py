@@ -45,6 +45,18 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # Under "bentoml." so that BentoML's logging set-up shows its INFO lines with the rest.
 logger = logging.getLogger("bentoml.svd")
+
+
+class _NoTorchvisionNotice(logging.Filter):
+    """diffusers' SVD pipeline imports transformers' CLIPImageProcessor, which without
+    torchvision (not a dependency) falls back to the PIL one, the one used anyway, and says
+    so at every start: a warning nobody can act on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed)" not in record.getMessage()
+
+
+logging.getLogger("transformers.utils.import_utils").addFilter(_NoTorchvisionNotice())
 settings = get_settings()
 if settings.low_memory:
     # Memory freed by one model's offload is reused by the next instead of staying reserved
@@ -145,7 +157,8 @@ class GenerationWorker:
     @bentoml.api
     async def health(self) -> dict:
         """Faults in a row; the API's /livez fails past the limit so the pod is restarted."""
-        return {"faults_in_a_row": self.engine.faults_in_a_row, "alive": self.engine.alive}
+        return {"faults_in_a_row": self.engine.faults_in_a_row, "alive": self.engine.alive,
+                **self.engine.description}
 
 
 def worker_service(index: int):
