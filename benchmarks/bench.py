@@ -519,6 +519,9 @@ def bench_server(args, save=lambda r: None) -> dict:
                                   "startup": startup_phases(log_path.read_text(errors="replace")),
                                   "first_request_s": latencies[0],
                                   "latency_s": statistics.median(latencies[1:]),
+                                  # Ready should mean fast: the first request after
+                                  # /readyz over the median of the next ones.
+                                  "first_over_next": latencies[0] / statistics.median(latencies[1:]),
                                   "all_s": latencies[1:], "server_timing": timings[1:],
                                   "warmup": args.server_warmup, "env": server_env}
             if args.server_burst and start_kind == args.server_starts[0]:
@@ -528,7 +531,8 @@ def bench_server(args, save=lambda r: None) -> dict:
                 result["oom_check"] = oom_check(url, buf.getvalue())
             save(result)
             print(f"server ({start_kind}): ready in {ready:.1f} s, "
-                  f"latency {result[start_kind]['latency_s']:.2f} s", flush=True)
+                  f"latency {result[start_kind]['latency_s']:.2f} s, first request "
+                  f"{result[start_kind]['first_over_next']:.2f}x the next", flush=True)
         finally:
             # Kept beside the JSON: its timestamps show where a start spends its time. Copied
             # before the server stops too, which can take up to a minute a run may not have.

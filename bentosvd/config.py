@@ -218,8 +218,10 @@ class Settings(BaseSettings):
     )
     warmup: list[Literal["landscape", "portrait"]] = Field(
         ["landscape", "portrait"],
-        description="Shapes compiled before /readyz turns 200 (with the fast path); a request "
-        "of a shape left out runs the UNet eagerly instead of compiling inside the request.",
+        description="Shapes warmed before /readyz turns 200: compiled with the fast path (a "
+        "request of a shape left out runs the UNet eagerly instead of compiling inside the "
+        "request), else run once (one step, decoded and encoded) so the first request is "
+        "as fast as the next.",
     )
     compile_cache_dir: str = Field(
         "~/.cache/bentosvd/inductor",

@@ -127,6 +127,9 @@ def server_factory(bentoml_home, tmp_path_factory):
         # Async jobs kept in a folder of the server's own, unless the test shares one
         # (a restart, replicas).
         env.setdefault("JOBS_DIR", str(tmp_path_factory.mktemp("jobs")))
+        # One shape warmed before ready (tests send landscape images), not both: a second
+        # of CPU less for every server the suite starts. The shared `server` keeps both.
+        env.setdefault("WARMUP", '["landscape"]')
         full_env = demo_env(bentoml_home, **env)
         log = tmp_path_factory.mktemp("server") / "server.log"
         server = Server(list(args), full_env, cwd, log)
@@ -167,7 +170,8 @@ def server_tmp(tmp_path_factory) -> Path:
 def server(server_factory, server_tmp) -> Server:
     """The demo service as `make serve` runs it (BENTOML_CONFIG set), shared by the tests
     that do not disturb each other."""
-    return server_factory(BENTOML_CONFIG=str(ROOT / "bentoml_configuration.yaml"), TMPDIR=str(server_tmp))
+    return server_factory(BENTOML_CONFIG=str(ROOT / "bentoml_configuration.yaml"), TMPDIR=str(server_tmp),
+                          WARMUP='["landscape", "portrait"]')  # the default
 
 
 def make_image(path: Path, size=(800, 600), mode="RGB", fmt="PNG", seed=0) -> Path:

@@ -204,5 +204,7 @@ def test_the_start_log_is_clean_and_says_ready_once(server):
     assert all("demo model: tiny random weights" in line for line in warnings), warnings
     for noise in ("[transformers]", "torchvision", "Loading weights", "it/s]", "Traceback"):
         assert noise not in log, noise
+    # The first request is as fast as the next: each WARMUP shape ran once before ready.
+    assert "warmed up landscape (256x144)" in log and "warmed up portrait (144x256)" in log
     (ready,) = [line for line in log.splitlines() if "] ready: " in line]
     assert "svd_demo" in ready and "on cpu" in ready and "speed-ups:" in ready and "/ui/" in ready
