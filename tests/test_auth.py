@@ -119,10 +119,10 @@ def test_the_page_asks_for_the_key_and_keeps_it_for_the_session(browser, keyed):
     assert "did not accept" in page.inner_text("#key-problem")
     page.fill("#key", KEYS[0])
     page.click("#key-form button")
-    page.wait_for_selector("#param-fps_id")  # the form is built from /info
+    page.wait_for_selector("#param-seed")  # the form is built from /info
     assert page.is_hidden("#key-form") and page.is_hidden("#error")
     page.reload()  # kept for the tab's session: no question the second time
-    page.wait_for_selector("#param-fps_id")
+    page.wait_for_selector("#param-seed")
     assert page.is_hidden("#key-form")
     context.close()
     assert not ui.script_errors, ui.script_errors

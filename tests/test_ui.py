@@ -73,9 +73,12 @@ class UI:
         page.on("request", lambda r: self.requests.append(r.url))
         page.on("pageerror", lambda e: self.script_errors.append(str(e)))
 
-    def open(self, path: str = "/ui/") -> None:
+    def open(self, path: str = "/ui/", advanced: bool = True) -> None:
+        """Load the page; with `advanced`, open the Advanced params too (most tests use them)."""
         self.page.goto(f"{self.server.url}{path}")
-        self.page.wait_for_selector("#param-fps_id")  # the form is built from /info
+        self.page.wait_for_selector("#param-seed")  # the form is built from /info
+        if advanced:
+            self.page.click("#advanced summary")
         # Every text #status shows, in order, however briefly.
         self.page.evaluate("""() => {
             window.statusLog = [];
@@ -297,3 +300,54 @@ def test_a_second_job_shows_its_place_in_the_queue(browser, server, ui, tmp_path
     assert any(line.startswith("queued: Queued") for line in log), log
     second.page.close()
     assert not second.script_errors, second.script_errors
+
+
+ESSENTIALS = ["motion_bucket_id", "seed", "format", "num_frames", "interpolate_fps"]
+
+
+def boxes_overlap(a: dict, b: dict) -> bool:
+    return not (a["x"] + a["width"] <= b["x"] or b["x"] + b["width"] <= a["x"]
+                or a["y"] + a["height"] <= b["y"] or b["y"] + b["height"] <= a["y"])
+
+
+@pytest.mark.parametrize("width,height", [(1280, 800), (390, 844)], ids=["desktop", "phone"])
+def test_layout_keeps_the_essentials_in_view_in_words(browser, server, info, tmp_path, width, height):
+    context = browser.new_context(viewport={"width": width, "height": height})
+    page = context.new_page()
+    page.set_default_timeout(30_000)
+    ui = UI(page, server)
+    ui.open(advanced=False)
+    # The essentials above the fold, in words with the API name beside; the rest under Advanced.
+    for name in ESSENTIALS:
+        box = page.locator(f"#param-{name}").bounding_box()
+        assert box and box["y"] + box["height"] <= height, (name, box)
+        label = page.locator(f"label[for=param-{name}]")
+        assert name in label.inner_text() and label.inner_text().split()[0] != name
+    assert page.locator("#submit").bounding_box()["y"] <= height
+    assert page.is_hidden("#param-cond_aug") and page.is_hidden("#param-decoding_t")
+    page.click("#advanced summary")
+    assert page.is_visible("#param-cond_aug")
+    # No label runs into its input (or into another row's).
+    for row in page.locator(".param").all():
+        label = row.locator("label").first.bounding_box()
+        field = row.locator("input, select").first.bounding_box()
+        assert not boxes_overlap(label, field), row.inner_text()
+    if width == 1280:
+        # The result beside the input: visible without scrolling once the video is there.
+        page.click("#advanced summary")  # closed again
+        ui.choose(make_image(tmp_path / "landscape.png", size=(800, 450)))
+        page.click("#submit")
+        ui.wait_status("succeeded")
+        result = page.locator("#result").bounding_box()
+        assert result["y"] + 100 <= height and result["x"] >= width / 2 - 50, result
+        # This session's strip: the video, its params, and "use these settings again".
+        seed = page.locator("#seed").get_attribute("data-seed")
+        page.fill("#param-motion_bucket_id", "30")
+        assert page.locator("#history-list li").count() == 1
+        page.click("#history-list .again")
+        assert page.input_value("#param-motion_bucket_id") == str(info["params"]["motion_bucket_id"]["default"])
+        assert page.input_value("#param-seed") == seed and not page.is_checked("#randomize")
+    # docs/img/ holds these, taken by this test (copied from its tmp_path).
+    page.screenshot(path=str(tmp_path / f"ui-{width}.png"))
+    context.close()
+    assert not ui.script_errors, ui.script_errors

@@ -10,7 +10,7 @@ const $ = (id) => document.getElementById(id);
 let info = null; // GET /info
 let image = null; // {file, bitmap}: bitmap is null when the browser cannot decode the file
 let job = null; // the job being watched: {id, url, cancelling, stem}
-let videoUrl = null; // object URL of the shown video, revoked when replaced
+let videoUrl = null; // object URL of the shown video (kept for the session's strip)
 
 class ServerError extends Error {
   constructor(status, body, retryAfter) {
@@ -108,6 +108,27 @@ function flatten(schema) {
   return { ...branch, ...schema };
 }
 
+// What a person calls each param; the API's name stays beside it in small type. A param
+// not listed here (a newer server's) shows its API name, under Advanced.
+const LABELS = {
+  motion_bucket_id: "Motion",
+  seed: "Seed",
+  format: "Format",
+  num_frames: "Frames",
+  interpolate_fps: "Smooth to (fps)",
+  fps_id: "Frame rate",
+  cond_aug: "Noise on the image",
+  decoding_t: "Frames decoded at a time",
+  boomerang: "Play forward, then back",
+  num_inference_steps: "Denoising steps",
+  min_guidance_scale: "Guidance, first frame",
+  max_guidance_scale: "Guidance, last frame",
+  sizing: "Fit the image",
+  orientation: "Orientation",
+};
+// Always in view: how much it moves, which video, how long and how smooth.
+const ESSENTIALS = ["motion_bucket_id", "seed", "format", "num_frames", "interpolate_fps"];
+
 function buildParams(params) {
   for (const [name, raw] of Object.entries(params)) {
     const prop = flatten(raw);
@@ -136,7 +157,13 @@ function buildParams(params) {
     row.className = "param";
     const label = document.createElement("label");
     label.htmlFor = input.id;
-    label.textContent = name;
+    label.append(LABELS[name] || name);
+    if (LABELS[name]) {
+      const api = document.createElement("code");
+      api.className = "api-name";
+      api.textContent = name;
+      label.append(" ", api);
+    }
     const bounds = document.createElement("span");
     bounds.className = "bounds";
     const range = prop.enum ? prop.enum.join(" | ")
@@ -148,10 +175,16 @@ function buildParams(params) {
     help.textContent = prop.description || "";
     row.append(label, input, bounds);
     if (name === "seed") row.append(randomizeToggle(input, prop.default == null));
+    help.id = `help-${name}`;
+    input.setAttribute("aria-describedby", help.id);
     row.append(help);
-    $("params").append(row);
+    $(ESSENTIALS.includes(name) ? "essentials" : "advanced-params").append(row);
   }
   $("param-sizing")?.addEventListener("change", drawPreview);
+}
+
+function paramInputs() {
+  return document.querySelectorAll("#form .params [name]");
 }
 
 // "randomize" sends no seed, so the server picks one (and reports it).
@@ -174,7 +207,7 @@ function randomizeToggle(seedInput, checked) {
 
 function readParams() {
   const params = {};
-  for (const input of $("params").querySelectorAll("[name]")) {
+  for (const input of paramInputs()) {
     if (input.type === "checkbox") params[input.name] = input.checked;
     else if (input.disabled || input.value === "") continue;
     else params[input.name] = input.type === "number" ? Number(input.value) : input.value;
@@ -264,9 +297,11 @@ async function submit() {
   $("result").hidden = true;
   const form = new FormData();
   form.append("img", image.file, image.file.name);
-  form.append("params", JSON.stringify(readParams()));
+  const params = readParams();
+  form.append("params", JSON.stringify(params));
   // The download's name: the image's, less its extension (another image may be picked meanwhile).
-  job = { id: null, url: null, cancelling: false, stem: image.file.name.replace(/\.[^.]*$/, "") || "video" };
+  job = { id: null, url: null, cancelling: false, params,
+          stem: image.file.name.replace(/\.[^.]*$/, "") || "video" };
   updateButtons();
   showProgress({ status: "uploading" });
   try {
@@ -342,7 +377,7 @@ async function showResult(state) {
   const blob = await response.blob();
   const seed = state.seed ?? response.headers.get("X-Seed");
   const format = state.format || "mp4";
-  if (videoUrl) URL.revokeObjectURL(videoUrl);
+  // Not revoked when the next one comes: this session's strip keeps showing it.
   videoUrl = URL.createObjectURL(blob);
 
   const media = document.createElement(PLAYABLE.includes(format) ? "video" : "img");
@@ -361,6 +396,44 @@ async function showResult(state) {
   $("seed").dataset.seed = seed;
   if ($("randomize")?.checked) $("param-seed").value = seed; // untick "randomize" to reuse it
   $("result").hidden = false;
+  remember(state, seed, format, job.params);
+}
+
+// --- this session's videos -------------------------------------------------------------
+
+// Each finished video stays in a strip beside the current one, with its seed and params and
+// a button that puts those settings back in the form (kept in this page only).
+function remember(state, seed, format, params) {
+  const item = document.createElement("li");
+  const media = $("player").firstElementChild.cloneNode();
+  media.removeAttribute("id");
+  if (media.tagName === "VIDEO") media.controls = false;
+  const caption = document.createElement("p");
+  const shown = Object.entries({ ...params, seed }).map(([k, v]) => `${k} ${v}`).join(", ");
+  caption.textContent = `${job.stem}: ${shown}`;
+  const again = document.createElement("button");
+  again.type = "button";
+  again.className = "again";
+  again.textContent = "Use these settings again";
+  again.addEventListener("click", () => applyParams({ ...params, seed }));
+  item.append(media, caption, again);
+  item.dataset.seed = seed;
+  item.dataset.format = format;
+  $("history-list").prepend(item);
+  $("history").hidden = false;
+}
+
+function applyParams(params) {
+  for (const input of paramInputs()) {
+    if (!(input.name in params)) continue;
+    if (input.type === "checkbox") input.checked = Boolean(params[input.name]);
+    else input.value = params[input.name] ?? "";
+  }
+  if ("seed" in params && $("randomize")) {
+    $("randomize").checked = false;
+    $("randomize").dispatchEvent(new Event("change"));
+  }
+  drawPreview();
 }
 
 // --- errors and buttons --------------------------------------------------------------
