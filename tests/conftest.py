@@ -24,12 +24,25 @@ ROOT = Path(__file__).resolve().parent.parent
 collect_ignore = [] if os.environ.get("BENTOSVD_GPU_TESTS") else ["gpu"]
 
 
+# The longest files (a cold compile in a server, the benchmark, compiled blocks, killed
+# servers), run first: `make test` hands whole files to two processes in this order, and a
+# long file started last would leave one process idle at the end.
+LONGEST_FIRST = ("test_fast_path.py", "test_bench.py", "test_saved_regions.py",
+                 "test_durable_jobs.py", "test_reliability.py", "test_layout.py",
+                 "test_replicas.py", "test_stepcache.py")
+
+
 def pytest_collection_modifyitems(items):
     """Tests that start a real server (or build the model store it serves) are marked
     `server`, so that `make test-unit` can leave them out; `make test` runs everything."""
     for item in items:
         if {"server_factory", "bentoml_home"} & set(item.fixturenames):
             item.add_marker(pytest.mark.server)
+
+    def rank(item):
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+    items.sort(key=rank)  # stable: the order within a file and among the rest is kept
 BIN = Path(sys.executable).parent
 
 
