@@ -7,6 +7,7 @@ of `POST /generate`, whose bounds the service, the docs and the tests all read f
 
 from __future__ import annotations
 
+import json
 from functools import cache
 from typing import Annotated, Literal
 
@@ -233,7 +234,10 @@ class Settings(BaseSettings):
     @field_validator("api_keys", "webhook_allowed_hosts", mode="before")
     @classmethod
     def _split_keys(cls, value):
-        if isinstance(value, str):  # API_KEYS=key1,key2 (spaces around commas ignored)
+        if isinstance(value, str):
+            if value.strip().startswith("["):  # a JSON list, as the other list settings take
+                return json.loads(value)
+            # API_KEYS=key1,key2 (spaces around commas ignored)
             return [k.strip() for k in value.split(",") if k.strip()]
         return value
 

@@ -169,3 +169,16 @@ def test_without_keys_nothing_is_asked_and_metrics_are_open_by_default():
     assert seen == ["/generate", "/metrics"]
     assert sent[0]["status"] == 401
     assert json.loads(sent[1]["body"])["error"] == "Unauthorized"
+
+
+@pytest.mark.parametrize("value,keys", [
+    ("k1,k2", ["k1", "k2"]), (" k1 , k2 ,", ["k1", "k2"]), ('["k1", "k2"]', ["k1", "k2"]),
+    ("[]", []), ("", []),
+])
+def test_api_keys_are_comma_separated_or_a_json_list(monkeypatch, value, keys):
+    from bentosvd.config import Settings
+
+    monkeypatch.setenv("API_KEYS", value)
+    monkeypatch.setenv("WEBHOOK_ALLOWED_HOSTS", value)
+    settings = Settings()
+    assert settings.api_keys == keys and settings.webhook_allowed_hosts == keys
