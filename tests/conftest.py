@@ -156,6 +156,21 @@ def server_factory(bentoml_home, tmp_path_factory):
         server.stop()
 
 
+@pytest.fixture(scope="module")
+def module_server(server_factory):
+    """Start servers that one test file shares: `module_server(args, **env)`; they stop
+    when the file's tests are done, so that idle servers do not stay for the session."""
+    servers = []
+
+    def start(*args, **kwargs) -> Server:
+        servers.append(server := server_factory(*args, **kwargs))
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
 @pytest.fixture
 def start_server(server_factory):
     """Start a server of this test's own: `start_server(args, **env)`; it stops when the

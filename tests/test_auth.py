@@ -31,8 +31,8 @@ def keys_file(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def keyed(server_factory, keys_file):
-    return server_factory(API_KEYS=",".join(KEYS), API_KEYS_FILE=str(keys_file),
+def keyed(module_server, keys_file):
+    return module_server(API_KEYS=",".join(KEYS), API_KEYS_FILE=str(keys_file),
                           METRICS_NEED_KEY="true")
 
 

@@ -27,10 +27,10 @@ def postgres():
 
 
 @pytest.fixture(scope="module")
-def replicas(server_factory, postgres, tmp_path_factory):
+def replicas(postgres, module_server, tmp_path_factory):  # the servers stop before PostgreSQL
     shared = str(tmp_path_factory.mktemp("shared-jobs"))
     env = dict(JOBS_DATABASE_URL=postgres.url, JOBS_DIR=shared, JOB_LEASE=LEASE, MAX_QUEUE="4")
-    return server_factory(**env), server_factory(**env)
+    return module_server(**env), module_server(**env)
 
 
 def test_a_job_submitted_to_one_replica_is_followed_and_fetched_at_the_other(replicas, test_image):

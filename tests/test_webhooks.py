@@ -71,8 +71,8 @@ def verify(secret: str, request: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def hooked(server_factory):
-    return server_factory(WEBHOOK_ALLOWED_HOSTS="127.0.0.1", WEBHOOK_SECRET=SECRET,
+def hooked(module_server):
+    return module_server(WEBHOOK_ALLOWED_HOSTS="127.0.0.1", WEBHOOK_SECRET=SECRET,
                           WEBHOOK_MAX_ATTEMPTS="4")
 
 
