@@ -266,7 +266,10 @@ class JobStore:
         def renew():
             for job in list(self.local.values()):
                 if job.status == "queued" and job.ticket is not None:
-                    self.db.update(job.id, self.owner, queue_position=job.ticket.position)
+                    position = job.ticket.position
+                    if position != job.queue_position:  # written only when it moved
+                        job.queue_position = position
+                        self.db.update(job.id, self.owner, queue_position=position)
             return self.db.renew(self.owner, time.time())
         return await self._db(renew)
 
