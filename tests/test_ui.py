@@ -69,8 +69,10 @@ class UI:
         self.page = page
         self.server = server
         self.requests: list[str] = []
+        self.responses: list[str] = []  # "STATUS METHOD URL", for failure messages
         self.script_errors: list[str] = []
         page.on("request", lambda r: self.requests.append(r.url))
+        page.on("response", lambda r: self.responses.append(f"{r.status} {r.request.method} {r.url}"))
         page.on("pageerror", lambda e: self.script_errors.append(str(e)))
 
     def open(self, path: str = "/ui/", advanced: bool = True) -> None:
@@ -105,7 +107,24 @@ class UI:
             "#preview", f"c => Array.from(c.getContext('2d').getImageData({x}, {y}, 1, 1).data)")
 
     def wait_status(self, status: str, timeout: float = GENERATION_MS) -> None:
-        self.page.wait_for_selector(f"#status[data-status={status}]", timeout=timeout)
+        """Wait for the job to end (or for `status`); fail with what the page and the server
+        saw if it ends otherwise or not in time."""
+        from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+        ends = {status, "succeeded", "failed", "cancelled"}
+        selector = ", ".join(f"#status[data-status={s}]" for s in sorted(ends))
+        try:
+            self.page.wait_for_selector(selector, timeout=timeout)
+            shown = self.page.get_attribute("#status", "data-status")
+        except PlaywrightTimeout:
+            shown = f"none of {sorted(ends)} within {timeout / 1000:.0f} s"
+        if shown != status:
+            raise AssertionError(
+                f"waited for status {status!r}, got {shown}\n"
+                f"page status log: {self.page.evaluate('window.statusLog || []')}\n"
+                f"page error: {self.page.text_content('#error')!r}\n"
+                f"last responses: {self.responses[-12:]}\n"
+                f"server log (end):\n{self.server.log_text()}")
 
     def off_host(self) -> list[str]:
         host = urlsplit(self.server.url).netloc

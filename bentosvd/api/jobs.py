@@ -263,13 +263,18 @@ class JobStore:
     async def heartbeat(self) -> list[str]:
         """Renew this replica's jobs (their queue positions too); the ids of local jobs
         whose cancel was asked at another replica."""
+        # Read here, in the event loop that moves the queue; written only when it moved.
+        moved = []
+        for job in list(self.local.values()):
+            if job.status == "queued" and job.ticket is not None:
+                position = job.ticket.position
+                if position != job.queue_position:
+                    job.queue_position = position
+                    moved.append((job.id, position))
+
         def renew():
-            for job in list(self.local.values()):
-                if job.status == "queued" and job.ticket is not None:
-                    position = job.ticket.position
-                    if position != job.queue_position:  # written only when it moved
-                        job.queue_position = position
-                        self.db.update(job.id, self.owner, queue_position=position)
+            for job_id, position in moved:
+                self.db.update(job_id, self.owner, queue_position=position)
             return self.db.renew(self.owner, time.time())
         return await self._db(renew)
 
