@@ -47,6 +47,17 @@ class SVD:
         ctx.response.status_code = response.status_code
         return response
 
+    @bentoml.task(route="/image_to_video")
+    async def image_to_video(
+        self, ctx: bentoml.Context, img: Path, params: Params = Params()
+    ) -> Annotated[Path, ContentType("video/mp4")]:
+        """`POST /generate` as a BentoML task: `client.image_to_video.submit(img=..., params=...)`,
+        then `.get_status()` and `.get()`; on BentoCloud its queue carries the work across
+        replicas. For progress, cancel and restarts, use `POST /jobs` (docs/api.md)."""
+        response = await self.generations.generate(ctx.request, img, params, client_waits=False)
+        ctx.response.status_code = response.status_code
+        return response
+
     @bentoml.api(route="/jobs")
     async def submit_job(self, ctx: bentoml.Context, img: Path, params: Params = Params(),
                          webhook: WebhookSpec | None = None) -> dict:
@@ -96,6 +107,7 @@ _params = JsonField(Params, max_bytes=settings.max_params_bytes,
                     max_depth=settings.max_params_depth, max_digits=settings.max_number_digits)
 _webhook = JsonField(WebhookSpec, max_bytes=4096, max_depth=2, max_digits=settings.max_number_digits)
 for _path, _fields in (("/generate", {"params": _params}),
+                       ("/image_to_video/submit", {"params": _params}),
                        ("/jobs", {"params": _params, "webhook": _webhook})):
     SVD.add_asgi_middleware(RequestGuard, path=_path, json_fields=_fields,
                             max_body_bytes=settings.max_upload_bytes + 64 * 1024,

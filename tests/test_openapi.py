@@ -53,7 +53,8 @@ def app_routes(bentoml_home) -> set[tuple[str, str]]:
 
 def test_every_route_is_in_the_schema(spec, bentoml_home):
     routes = app_routes(bentoml_home)
-    assert {("/info", "get"), ("/jobs/{job_id}", "delete"), ("/generate", "post")} <= routes
+    assert {("/info", "get"), ("/jobs/{job_id}", "delete"), ("/generate", "post"),
+            ("/image_to_video/submit", "post"), ("/image_to_video/get", "get")} <= routes
     documented = {(path, method) for path, item in spec["paths"].items() for method in item}
     assert routes - documented == set(), f"routes missing from /docs.json: {routes - documented}"
     for path, method in routes:

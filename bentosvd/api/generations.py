@@ -144,8 +144,10 @@ class Generations:
                         params, time.time() + self.settings.timeout - 1)
         job.task = asyncio.create_task(self.run(job))
 
-    async def generate(self, request, img: Path, params: Params) -> Response:
-        """Admit, run and answer one request; a client that leaves cancels its generation."""
+    async def generate(self, request, img: Path, params: Params, *,
+                       client_waits: bool = True) -> Response:
+        """Admit, run and answer one request. A client that leaves cancels its generation;
+        `client_waits=False` for a BentoML task, whose request was stored, with no client."""
         try:
             job = await self.admit(request, img, params)
         except ServiceError as e:
@@ -153,7 +155,7 @@ class Generations:
         task = asyncio.ensure_future(self.run(job))
         while not task.done():
             await asyncio.wait({task}, timeout=0.5)
-            if not task.done() and await request.is_disconnected():
+            if client_waits and not task.done() and await request.is_disconnected():
                 task.cancel()  # the worker is told to stop at its next step
                 await asyncio.wait({task})
                 logger.info("the client disconnected; its generation was cancelled")
