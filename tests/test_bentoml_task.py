@@ -74,6 +74,9 @@ def test_task_over_plain_http_and_its_errors(server, test_image):
                          files={"img": ("photo.png", f, "image/png")},
                          data={"params": '{"motion_bucket_id": 9999}'})
     assert bad.status_code == 400 and "motion_bucket_id" in bad.json()["message"], bad.text
+    # What docs/api.md says of cancel under `bentoml serve`: refused, nothing stopped.
+    cancel = httpx.put(f"{server.url}/image_to_video/cancel", params={"task_id": task_id}, timeout=30)
+    assert cancel.status_code >= 400 and "not supported" in cancel.text, cancel.text
     missing = httpx.get(f"{server.url}/image_to_video/status", params={"task_id": "nope"}, timeout=30)
     assert missing.status_code == 404
 
