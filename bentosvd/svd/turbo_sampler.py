@@ -32,6 +32,7 @@ request's generator before the pipeline call to make a seed reproduce its video.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_consistency_models import (
@@ -133,7 +134,9 @@ class AnimateLCMSVDScheduler(CMStochasticIterativeScheduler):
         self.generator: torch.Generator | list[torch.Generator] | None = None
 
     def sigma_to_t(self, sigmas):  # (1)
-        return super().sigma_to_t(sigmas) / 1000
+        if not isinstance(sigmas, np.ndarray):
+            sigmas = np.array(sigmas, dtype=np.float64)
+        return 0.25 * np.log(sigmas + 1e-44)
 
     def set_timesteps(self, num_inference_steps=None, device=None, timesteps=None):  # (3)
         super().set_timesteps(num_inference_steps, device=device, timesteps=timesteps)
