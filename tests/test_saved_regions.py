@@ -291,3 +291,32 @@ def test_a_file_whose_code_fails_on_its_first_call_is_compiled_again(cache, eage
     monkeypatch.setattr(compiled_blocks, "_load", load)
     assert_close(gen.generate(IMAGE, SETTINGS), eager_frames)
     assert dict(warmed(build_demo(4), copy).saved_regions.counts) == {"loaded": len(files(cache))}
+
+
+def test_blocks_built_in_another_thread_are_used_from_the_next_call_on(cache, eager_frames, tmp_path):
+    """A generator serving uncompiled records the blocks a shape needs; another thread builds
+    them (here: loads them, the cache has them) while it goes on uncompiled, and `adopt`
+    puts them to use between two calls. Without the files, `saved` says so."""
+    import threading
+
+    gen = VideoGenerator(build_demo(4), torch.device("cpu"), SAVED, cache)
+    gen.compile_new_shapes = False
+    regions = gen.saved_regions
+    np.testing.assert_array_equal(gen.generate(IMAGE, SETTINGS), eager_frames)  # uncompiled
+    keys = set(regions.wanted)
+    assert len(keys) == len(files(cache)) and regions.saved(keys)
+    builder = threading.Thread(target=regions.build, args=(keys,))
+    builder.start()
+    np.testing.assert_array_equal(gen.generate(IMAGE, SETTINGS), eager_frames)  # meanwhile
+    builder.join()
+    assert dict(regions.counts) == {"loaded": len(keys)}
+    np.testing.assert_array_equal(gen.generate(IMAGE, SETTINGS), eager_frames)  # not yet adopted
+    assert regions.adopt() == len(keys) and not regions.wanted
+    compiled = gen.generate(IMAGE, SETTINGS)
+    assert_close(compiled, eager_frames)
+    assert not np.array_equal(compiled, eager_frames)  # the compiled kernels round differently
+
+    elsewhere = VideoGenerator(build_demo(4), torch.device("cpu"), SAVED, tmp_path / "empty")
+    elsewhere.compile_new_shapes = False
+    elsewhere.generate(IMAGE, SETTINGS)
+    assert not elsewhere.saved_regions.saved(set(elsewhere.saved_regions.wanted))

@@ -19,15 +19,26 @@ shapes); a call they reject, like any input shape not compiled while `may_build(
 so (the warm-up), runs the block eagerly rather than compiling inside a request. A block
 that `aot_compile` cannot capture (or a torch without it) is compiled in-process as
 `compile_regions` does, so a failure costs restart time, never the service.
+
+Blocks can also be built in the background while requests run eagerly (a fresh node
+serving before its compile is done): a call that finds no compiled code while building is
+not allowed records what it would need (`wanted`, and `missed()` collects such calls);
+`build` then makes that code from inputs of the recorded layouts in another thread and
+stages it, and `adopt`, called between requests, puts it to use. A block's input layout
+(its strides) can depend on whether the block before it ran compiled, so a run after
+`adopt` may miss blocks again: the caller builds in rounds until a run misses none.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import functools
 import hashlib
 import importlib.metadata
 import logging
 import sys
+import threading
 import time
 import types
 from collections import Counter
@@ -63,6 +74,12 @@ class SavedRegions:
         # key -> (compiled callable or None for eager, whether its guards are to be checked)
         self._functions: dict[tuple, tuple[Callable | None, bool]] = {}
         self._in_process: dict[Callable, Callable] = {}  # forward -> torch.compile'd forward
+        # Calls that found nothing compiled while building was not allowed: key -> what
+        # building it needs (block, forward, input specs); built ones waiting for `adopt`.
+        self.wanted: dict[tuple, tuple] = {}
+        self._missed: set | None = None  # while `missed()` collects
+        self._staged: dict[tuple, tuple[Callable | None, bool]] = {}
+        self._lock = threading.Lock()
         self._blocks = list(blocks)
         # The in-process fallback keeps one compiled version per forward and shape.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 128)
@@ -82,6 +99,11 @@ class SavedRegions:
         key = (identity, _describe(args), _describe(sorted(kwargs.items())), torch.is_grad_enabled())
         if key not in self._functions:
             if not self.may_build():
+                if key not in self.wanted:
+                    with self._lock:
+                        self.wanted[key] = (block, forward, _spec(args), _spec(kwargs))
+                if self._missed is not None:
+                    self._missed.add(key)
                 return forward(block, *args, **kwargs)
             self._functions[key] = self._build(key, block, forward, args, kwargs)
         fn, guarded = self._functions[key]
@@ -95,11 +117,59 @@ class SavedRegions:
             return forward(block, *args, **kwargs)
         return fn(block, *args, **kwargs)
 
+    # -------------------------------------------------------------- in the background
+
+    @contextlib.contextmanager
+    def missed(self):
+        """Collect the keys of the calls in this block that found nothing compiled (and were
+        recorded in `wanted`): `with regions.missed() as keys: ...`."""
+        self._missed = keys = set()
+        try:
+            yield keys
+        finally:
+            self._missed = None
+
+    def saved(self, keys) -> bool:
+        """Whether each of these wanted keys has its file (a start that can load them all
+        at once instead of serving eagerly first)."""
+        return all((self.cache_dir / self._file_name(key, self.wanted[key][0])).exists()
+                   for key in keys)
+
+    def build(self, keys) -> None:
+        """Make the compiled code of these wanted keys (load its file, or compile and save
+        it) from inputs of the recorded shapes, and stage it for `adopt`. Safe in a thread
+        of its own while the blocks run eagerly in another: the blocks are only read."""
+        built = {}
+        for key in keys:
+            with self._lock:
+                block, forward, args, kwargs = self.wanted[key]
+            args, kwargs = _materialise(args), _materialise(kwargs)
+            with torch.set_grad_enabled(key[3]):
+                fn, guarded = self._build(key, block, forward, args, kwargs)
+                if not guarded:  # compiled in-process: its compile happens at its first call
+                    fn(block, *args, **kwargs)
+            built[key] = (fn, guarded)
+        with self._lock:  # all at once: a request never runs some of them only
+            self._staged.update(built)
+
+    def adopt(self) -> int:
+        """Put the staged code to use (call between requests, never during one); the number
+        of blocks whose code changed."""
+        with self._lock:
+            staged, self._staged = self._staged, {}
+            for key in staged:
+                self.wanted.pop(key, None)
+        self._functions.update(staged)
+        return len(staged)
+
     # -------------------------------------------------------------- files on disk
+
+    def _file_name(self, key: tuple, block: torch.nn.Module) -> str:
+        return f"{type(block).__name__}-{_digest(key, block)}.bin"
 
     def _build(self, key: tuple, block: torch.nn.Module, forward: Callable, args: tuple, kwargs: dict):
         name = type(block).__name__
-        path = self.cache_dir / f"{name}-{_digest(key, block)}.bin"
+        path = self.cache_dir / self._file_name(key, block)
         if path.exists():
             try:
                 fn = _load(path)
@@ -148,12 +218,12 @@ def _compile(forward: Callable, block: torch.nn.Module, args: tuple, kwargs: dic
         raise RuntimeError(f"torch {torch.__version__} has no torch.compile(...).aot_compile")
     # The block goes into the saved guards' state: without the dispatcher set as its
     # forward, which holds the compiled functions (their guard managers do not pickle).
-    dispatcher = block.__dict__.pop("forward", None)
-    try:
-        fn = compiled.aot_compile(((block, *args), kwargs))
-    finally:
-        if dispatcher is not None:
-            block.forward = dispatcher
+    # Traced on a shallow copy (the same parameters and submodules) that lacks it, so that
+    # the block itself keeps its dispatcher while another thread runs it.
+    traced = copy.copy(block)
+    traced.__dict__ = dict(block.__dict__)
+    traced.__dict__.pop("forward", None)
+    fn = compiled.aot_compile(((traced, *args), kwargs))
     fn.disable_guard_check()  # checked once per call by SavedRegions._call instead
     return fn
 
@@ -227,6 +297,39 @@ def _describe(value) -> object:
     if isinstance(value, (int, float, str, bool, type(None))):
         return value
     return _qualname(type(value))
+
+
+class _TensorSpec(tuple):
+    """A recorded input tensor's layout: (shape, stride, dtype, device, requires_grad)."""
+
+
+def _spec(value):
+    """`value` with its tensors replaced by their layout (the values are not kept)."""
+    if isinstance(value, torch.Tensor):
+        return _TensorSpec((tuple(value.shape), value.stride(), value.dtype, value.device,
+                            value.requires_grad))
+    if isinstance(value, (list, tuple)):
+        return type(value)(_spec(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _spec(v) for k, v in value.items()}
+    return value
+
+
+def _materialise(value):
+    """An input of the recorded layout (its values arbitrary) for each spec in `value`."""
+    if isinstance(value, _TensorSpec):
+        shape, stride, dtype, device, requires_grad = value
+        # Storage for the layout, broadcast (zero) strides included; filled, not left
+        # uninitialised: NaNs would make a trial call misleading.
+        size = 1 + sum((n - 1) * st for n, st in zip(shape, stride)) if all(shape) else 0
+        storage = (torch.randn(size, device=device).to(dtype) if dtype.is_floating_point
+                   else torch.zeros(size, dtype=dtype, device=device))
+        return storage.as_strided(shape, stride).requires_grad_(requires_grad)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_materialise(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _materialise(v) for k, v in value.items()}
+    return value
 
 
 def _digest(key: tuple, block: torch.nn.Module) -> str:

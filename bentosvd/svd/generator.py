@@ -115,7 +115,8 @@ class VideoGenerator:
     def generate(self, image: np.ndarray, settings: GenerationSettings,
                  on_step: Callable[[int, int], None] | None = None,
                  timings: dict | None = None, decode: bool = True,
-                 on_frames: Callable[[np.ndarray], None] | None = None) -> np.ndarray | None:
+                 on_frames: Callable[[np.ndarray], None] | None = None,
+                 interpolation=None) -> np.ndarray | None:
         """(H, W, 3) uint8 image at the model's size → (frames, H, W, 3) uint8 video.
 
         `on_step(step, total)` runs after every denoising step, once the step's GPU work is
@@ -125,7 +126,9 @@ class VideoGenerator:
         order, while the next chunk decodes (the server encodes the video meanwhile).
         `timings`, if given, gets the seconds of each phase: image_encode, denoise,
         vae_decode. `decode=False` stops after the denoising loop and returns None
-        (warming up).
+        (warming up). `interpolation` (bentosvd.rife.stream.StreamingInterpolation) raises
+        the frame rate on the device as the chunks are decoded: what is handed on and
+        returned are then its frames.
         """
         height, width = image.shape[:2]
         generator = torch.Generator(self.device).manual_seed(settings.seed)
@@ -140,6 +143,9 @@ class VideoGenerator:
 
         frames = settings.num_frames
         unet_shape = ("unet", frames, height, width)
+        # diffusers' pipeline calls scheduler.step() without the generator: a sampler that
+        # draws noise in its steps (the turbo's) takes the request's from here.
+        self.pipe.scheduler.generator = generator
         with self._compiled_for({unet_shape}), self._fresh_step_cache():
             latents = self.pipe(
                 Image.fromarray(image), height=height, width=width, num_frames=frames,
@@ -152,17 +158,19 @@ class VideoGenerator:
             ).frames
         # Decoded here rather than inside the pipeline call, so that the decoder runs
         # compiled only where its own shapes were warmed (decoding_t is per request).
-        video = self.decode(latents, settings.decode_chunk_size, on_frames) if decode else None
+        video = self.decode(latents, settings.decode_chunk_size, on_frames,
+                            interpolation) if decode else None
         if timings is not None:
             timings.update(self.phases.times)
             timings["denoise"] = time.perf_counter() - start - sum(self.phases.times.values())
         return video
 
     def decode(self, latents: torch.Tensor, chunk: int,
-               on_frames: Callable[[np.ndarray], None] | None = None) -> np.ndarray:
+               on_frames: Callable[[np.ndarray], None] | None = None,
+               interpolation=None) -> np.ndarray:
         """(1, F, C, h, w) latents → (F, H, W, 3) uint8 frames, `chunk` frames per decoder
-        call (diffusers' decode_chunk_size), each call's frames handed to `on_frames` as
-        in `generate`.
+        call (diffusers' decode_chunk_size), each call's frames (interpolated, with
+        `interpolation`) handed to `on_frames` as in `generate`.
 
         On a GPU, nothing waits between the calls: each chunk's frames are copied to the
         host asynchronously, and chunk i is waited for (and handed on) only once the call
@@ -183,8 +191,11 @@ class VideoGenerator:
                 n = min(chunk, frames - first)
                 # The calls diffusers' decode_latents would make, one at a time.
                 decoded = self.pipe.decode_latents(latents[:, first:first + n], n, n)
-                copying.append(HostCopy(
-                    self.pipe.video_processor.postprocess_video(decoded, output_type="pt")[0]))
+                video = to_uint8(self.pipe.video_processor.postprocess_video(decoded, output_type="pt")[0])
+                if interpolation is not None:
+                    video = interpolation.feed(video)
+                if len(video):
+                    copying.append(HostCopy(video))
                 if len(copying) > lag:
                     hand_on(copying.pop(0))
             for copy in copying:
@@ -193,16 +204,18 @@ class VideoGenerator:
             self.pipe.maybe_free_model_hooks()  # the VAE back to the CPU, as the pipeline does
         return np.concatenate(chunks)
 
-    def warm_up(self, num_frames: int, height: int, width: int) -> None:
+    def warm_up(self, num_frames: int, height: int, width: int, min_guidance_scale: float = 1.0,
+                max_guidance_scale: float = 2.0) -> None:
         """Compile (or load from the compile cache) the kernels for this shape: one
-        denoising step with guidance, as a request runs it (two with the step cache: a
-        whole and a shallow one). When the VAE's decoder is compiled too, it decodes one
-        frame, as every call of a request at decoding_t 1 (the default) does; decoding
-        all the frames would only repeat that call."""
+        denoising step at the variant's guidance, as a request runs it (guidance above 1
+        doubles the UNet's batch; two steps with the step cache: a whole and a shallow
+        one). When the VAE's decoder is compiled too, it decodes one frame, as every call
+        of a request at decoding_t 1 (the default) does; decoding all the frames would
+        only repeat that call."""
         settings = GenerationSettings(
             num_frames=num_frames, num_inference_steps=2 if self.step_cache else 1,
-            min_guidance_scale=1.0, max_guidance_scale=2.0, fps=7, motion_bucket_id=127,
-            noise_aug_strength=0.02, decode_chunk_size=1, seed=0)
+            min_guidance_scale=min_guidance_scale, max_guidance_scale=max_guidance_scale,
+            fps=7, motion_bucket_id=127, noise_aug_strength=0.02, decode_chunk_size=1, seed=0)
         self.generate(np.zeros((height, width, 3), np.uint8), settings, decode=False)
         if self.speedups.compile_vae:
             vae = self.pipe.vae
@@ -214,7 +227,11 @@ class VideoGenerator:
 
     def _compiled_for(self, shapes: set[tuple]) -> contextlib.AbstractContextManager:
         """Compiled code runs (and, while compiling new shapes, compiles) for these shapes
-        only if all were warmed; otherwise the models run eagerly."""
+        only if all were warmed; otherwise the models run eagerly. Compiled blocks kept on
+        disk choose per call themselves (`SavedRegions`), and torch's stance is global:
+        left alone then, or it would stop a compile running in the background."""
+        if self.saved_regions is not None:
+            return contextlib.nullcontext()
         if self.compile_new_shapes:
             self.compiled_shapes |= shapes
         elif not shapes <= self.compiled_shapes:
@@ -297,16 +314,20 @@ def decode_calls(num_frames: int, chunk: int) -> set[int]:
     return {min(chunk, num_frames - start) for start in range(0, num_frames, chunk)}
 
 
+def to_uint8(frames: torch.Tensor) -> torch.Tensor:
+    """Decoded frames, (F, C, H, W) floats in [0, 1], as (F, H, W, C) uint8 on their device,
+    rounded as diffusers rounds (`numpy_to_pil`)."""
+    return (frames * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+
+
 class HostCopy:
-    """Decoded frames on their way to the host: (F, C, H, W) floats in [0, 1] become
-    (F, H, W, C) uint8, rounded as diffusers rounds (`numpy_to_pil`), on the device so
-    only the final bytes cross. The conversion and the copy are queued when made, and
-    `wait()` returns the frames once they are on the host. On a GPU the copy goes to
-    pinned memory without blocking, so the host can queue more work before it waits; on
-    the CPU it has finished when made."""
+    """(F, H, W, C) uint8 frames on their way to the host, converted on the device so only
+    the final bytes cross. The copy is queued when made, and `wait()` returns the frames
+    once they are on the host. On a GPU the copy goes to pinned memory without blocking,
+    so the host can queue more work before it waits; on the CPU it has finished when
+    made."""
 
     def __init__(self, frames: torch.Tensor):
-        frames = (frames * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
         self.event = None
         if frames.is_cuda:
             self.frames = frames.contiguous().to("cpu", non_blocking=True)  # pinned

@@ -28,12 +28,20 @@ from bentosvd.protocol import (
     Started,
     Step,
 )
+from bentosvd.rife.interpolate import times_for_fps
+from bentosvd.rife.stream import StreamingInterpolation
 from bentosvd.svd import compiled_blocks
 from bentosvd.svd.generator import VideoGenerator
 from bentosvd.svd.loading import resolve_device
 from bentosvd.svd.speedups import Speedups
+from bentosvd.weights import rife_models
 
 logger = logging.getLogger("bentoml.svd")
+
+
+# Rounds of building a shape's compiled blocks in the background: each can reveal blocks
+# whose inputs change layout once the blocks before them run compiled (two or three do).
+MAX_ROUNDS = 8
 
 
 class Stopped(Exception):
@@ -81,7 +89,8 @@ class Engine:
     generation well)."""
 
     def __init__(self, settings, variant, name: str, pipeline_dir: Path,
-                 image_encoder_dir: Path, index: int = 0, busy_gauge=None):
+                 image_encoder_dir: Path, index: int = 0, busy_gauge=None,
+                 rife: tuple[str, str] | None = None):
         self.settings, self.variant = settings, variant
         device = str(resolve_device(settings.device, index))
         speedups = speedups_for(settings, device)
@@ -99,19 +108,33 @@ class Engine:
                                              cache_dir=compiled_blocks.folder(settings.compile_cache_dir))
         logger.info("loaded %s (%s) on %s in %.1f s with %s", name, variant.description, device,
                     time.perf_counter() - started, speedups)
+        # RIFE (tag, folder), for interpolation on this device as the frames are decoded.
+        self.rife = None
+        if rife is not None:
+            self.rife = rife_models.load(rife[1], self.generator.device, self.generator.pipe.unet.dtype)
         # What GET health tells the API for its one line at ready.
         on = [f.name for f in fields(speedups) if getattr(speedups, f.name) not in (False, 0, None)]
-        self.description = {"model": name, "device": device, "speedups": ", ".join(on) or "none"}
-        if speedups.compile_unet:
+        self.description = {"model": name, "device": device, "speedups": ", ".join(on) or "none",
+                            "rife": f"{rife[0]} (RIFE {self.rife.version})" if rife else None}
+        # Each WARMUP shape: "compiled", "compiling" (served eagerly meanwhile) or "eager".
+        self.shapes: dict[str, str] = {}
+        # One generation at a time: requests, and the background compile's warm-ups.
+        self.lock = threading.Lock()
+        if speedups.compile_unet and self.generator.saved_regions is not None \
+                and settings.compile_in_background:
+            self._serve_while_compiling()
+        elif speedups.compile_unet:
             # Compile now so /readyz turns 200 only once a request will not stall for minutes;
             # other shapes (num_frames, orientation, decoding_t for the decoder) then run
             # eagerly instead of compiling.
             for orientation in settings.warmup:
-                w, h = (variant.width, variant.height)[:: 1 if orientation == "landscape" else -1]
+                w, h = self._size(orientation)
                 started = time.perf_counter()
-                self.generator.warm_up(variant.num_frames, h, w)
+                self.generator.warm_up(variant.num_frames, h, w, variant.min_guidance_scale,
+                                       variant.max_guidance_scale)
                 logger.info("warmed up %s (%dx%d) in %.1f s%s", orientation, w, h,
                             time.perf_counter() - started, self._saved_blocks())
+                self.shapes[orientation] = "compiled"
             self.generator.compile_new_shapes = False
         else:
             # Uncompiled too, the first call of each kernel costs (the CPU's oneDNN builds its
@@ -119,28 +142,105 @@ class Engine:
             # video: one step at each WARMUP shape, decoded and encoded, so that the first
             # request after /readyz runs as fast as the next.
             for orientation in settings.warmup:
-                w, h = (variant.width, variant.height)[:: 1 if orientation == "landscape" else -1]
+                w, h = self._size(orientation)
                 started = time.perf_counter()
                 self._run_once(h, w)
                 logger.info("warmed up %s (%dx%d) in %.1f s", orientation, w, h,
                             time.perf_counter() - started)
-        self.lock = threading.Lock()
+                self.shapes[orientation] = "eager"
         self.busy_gauge = busy_gauge
         self.faults_in_a_row = 0
         self.injected_faults = list(settings.inject_faults)
 
-    def _run_once(self, height: int, width: int) -> None:
-        """One denoising step of a whole request at this shape, its frames decoded one at a
-        time (decoding_t 1, the default) and encoded as an MP4."""
+    def _serve_while_compiling(self) -> None:
+        """One eager generation per WARMUP shape, which records the compiled blocks that
+        shape needs. If the compile cache has them, they are loaded now; otherwise the
+        worker turns ready and serves eagerly while a thread builds them, shape by shape,
+        each put to use between two requests."""
+        regions = self.generator.saved_regions
+        self.generator.compile_new_shapes = False  # blocks without compiled code run eagerly
+        pending = []
+        for orientation in self.settings.warmup:
+            w, h = self._size(orientation)
+            started = time.perf_counter()
+            with regions.missed() as keys:
+                # Two steps with the step cache: its shallow pass runs on the second.
+                self._run_once(h, w, steps=2 if self.generator.step_cache else 1)
+            for _ in range(MAX_ROUNDS):  # what the cache has, loaded round by round
+                if not keys or not regions.saved(keys):
+                    break
+                regions.build(keys)
+                regions.adopt()
+                keys = self._missed_blocks(orientation)
+            if not keys:
+                self.shapes[orientation] = "compiled"
+                logger.info("warmed up %s (%dx%d) in %.1f s%s", orientation, w, h,
+                            time.perf_counter() - started, self._saved_blocks())
+            else:
+                self.shapes[orientation] = "compiling"
+                pending.append((orientation, keys))
+                logger.info("%s (%dx%d) runs eagerly (warmed in %.1f s) while its %d compiled "
+                            "blocks are built in the background", orientation, w, h,
+                            time.perf_counter() - started, len(keys))
+        if pending:
+            threading.Thread(target=self._compile_in_background, args=(pending,),
+                             name="background-compile", daemon=True).start()
+
+    def _missed_blocks(self, orientation: str) -> set:
+        """The blocks a warm-up step of this shape still runs uncompiled (the engine's lock
+        held, or before serving)."""
+        w, h = self._size(orientation)
+        with self.generator.saved_regions.missed() as keys:
+            self.generator.warm_up(self.variant.num_frames, h, w, self.variant.min_guidance_scale,
+                                   self.variant.max_guidance_scale)
+        return keys
+
+    def _compile_in_background(self, pending: list[tuple[str, set]]) -> None:
+        """Build each shape's blocks; between two requests put them to use and check with a
+        warm-up step which blocks still miss (their inputs' layout changed now that the
+        blocks before them run compiled), until none do."""
+        regions = self.generator.saved_regions
+        for orientation, keys in pending:
+            w, h = self._size(orientation)
+            started, rounds = time.perf_counter(), 0
+            try:
+                while keys and rounds < MAX_ROUNDS:
+                    regions.build(keys)
+                    rounds += 1
+                    with self.lock:
+                        regions.adopt()
+                        keys = self._missed_blocks(orientation)
+            except Exception:
+                logger.exception("building the compiled blocks of %s failed; its requests keep "
+                                 "running eagerly", orientation)
+                self.shapes[orientation] = "eager"
+                continue
+            self.shapes[orientation] = "compiled"
+            logger.info("compiled %s (%dx%d) in the background in %.1f s, %d round%s%s; its "
+                        "requests run compiled from the next one", orientation, w, h,
+                        time.perf_counter() - started, rounds, "" if rounds == 1 else "s",
+                        self._saved_blocks())
+
+    def _size(self, orientation: str) -> tuple[int, int]:
+        """(width, height) of a WARMUP shape."""
+        size = (self.variant.width, self.variant.height)
+        return size if orientation == "landscape" else size[::-1]
+
+    def _run_once(self, height: int, width: int, steps: int = 1) -> None:
+        """`steps` denoising steps of a whole request at this shape, its frames decoded one
+        at a time (decoding_t 1, the default) and encoded as an MP4."""
         variant = self.variant
         job = GenerationSettings(
-            num_frames=variant.num_frames, num_inference_steps=1,
+            num_frames=variant.num_frames, num_inference_steps=steps,
             min_guidance_scale=variant.min_guidance_scale,
             max_guidance_scale=variant.max_guidance_scale, fps=7, motion_bucket_id=127,
             noise_aug_strength=0.02, decode_chunk_size=1, seed=0)
         frames = self.generator.generate(np.zeros((height, width, 3), np.uint8), job)
         encode_output(frames, OutputSpec(format="mp4", fps=7), crf=self.settings.video_crf,
                       preset=self.settings.video_preset)
+        if self.rife is not None:  # its kernels' first call too (cuDNN's algorithm search)
+            StreamingInterpolation(self.rife, 2, 1, 2).feed(
+                torch.zeros(2, height, width, 3, dtype=torch.uint8, device=self.generator.device))
 
     def _saved_blocks(self) -> str:
         """How the compiled blocks got their code so far, for the warm-up's log line."""
@@ -154,13 +254,23 @@ class Engine:
     def alive(self) -> bool:
         return self.faults_in_a_row < self.settings.max_faults_in_a_row
 
+    def interpolation(self, job: GenerationSettings, output: OutputSpec) -> StreamingInterpolation | None:
+        """RIFE for this request's frames, as `output` asks (None: none, or minterpolate
+        in the encode)."""
+        if output.interpolation != "rife" or not output.interpolate_fps:
+            return None
+        if self.rife is None:  # the API checked; a worker started without the model says so
+            raise RuntimeError("RIFE was asked for but this worker has no RIFE model")
+        return StreamingInterpolation(self.rife, job.num_frames, output.fps, output.interpolate_fps)
+
     def run(self, image: np.ndarray, job: GenerationSettings, deadline: float,
             caller_gone: threading.Event, report, on_frames=None,
-            request_id: str = "") -> Frames | Failed:
+            request_id: str = "", interpolation: StreamingInterpolation | None = None) -> Frames | Failed:
         """Generate the frames of `job`. `report(event)` gets `Started` once the GPU is
         this request's and `Step` after each step; `on_frames(chunk)` gets the decoded
-        frames chunk by chunk (`VideoGenerator.generate`). Stops at the next step once
-        `caller_gone` is set or `deadline` (epoch seconds) passes."""
+        frames chunk by chunk (`VideoGenerator.generate`), interpolated by `interpolation`
+        if given. Stops at the next step once `caller_gone` is set or `deadline` (epoch
+        seconds) passes."""
         def check(step: int = 0, total: int = 0) -> None:
             if caller_gone.is_set():
                 raise Stopped(FailureKind.CANCELLED,
@@ -186,7 +296,7 @@ class Engine:
                     torch.cuda.reset_peak_memory_stats(self.generator.device)
                 try:
                     frames = self.generator.generate(image, job, on_step=check, timings=timings,
-                                                     on_frames=on_frames)
+                                                     on_frames=on_frames, interpolation=interpolation)
                 finally:
                     if self.busy_gauge is not None:
                         self.busy_gauge.dec()
@@ -212,8 +322,13 @@ class Engine:
 
     def encoder(self, job: GenerationSettings, image: np.ndarray,
                 output: OutputSpec) -> StreamingEncode:
-        """A video encode for `job`'s frames, to be fed by `run`'s on_frames."""
+        """A video encode for `job`'s frames, to be fed by `run`'s on_frames. With RIFE the
+        frames come interpolated already: encoded as they are, at interpolate_fps."""
         shape = (job.num_frames, *image.shape[:2], 3)
+        if output.interpolation == "rife" and output.interpolate_fps:
+            count = len(times_for_fps(job.num_frames, output.fps, output.interpolate_fps))
+            shape = (count, *shape[1:])
+            output = output.model_copy(update=dict(fps=output.interpolate_fps, interpolate_fps=None))
         stall = self.injected_faults[:1] == ["encode_stall"]
         if stall:
             self.injected_faults.pop(0)
