@@ -2,6 +2,7 @@
 
     MODEL_VERSION=svd_xt python import_model.py           # from the Hugging Face hub (HF_TOKEN)
     python import_model.py --variant svd --from-dir DIR   # from a local copy of the repo
+    python import_model.py --variant svd_xt_turbo         # AnimateLCM-SVD-xt's UNet + SVD-XT's VAE, encoder
     python import_model.py --variant demo                 # tiny random weights, no download
     python import_model.py --variant svd_xt --synthetic   # full size, random weights (benchmarks)
 

@@ -2,6 +2,7 @@
 
     python -m benchmarks.bench                       # GPU: full-size synthetic SVD-XT
     python -m benchmarks.bench --model demo          # CPU: the demo model (what CI runs)
+    python -m benchmarks.bench --variant svd_xt_turbo  # the turbo variant, its authors' defaults
 
 (a) vanilla `StableVideoDiffusionPipeline` as the blog called it; (b) the project's
 pipeline in each speed/memory mode, per phase, with peak memory, achieved TFLOP/s and
@@ -43,7 +44,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from bentosvd.config import Settings
+from bentosvd.config import VARIANTS, Settings
 from bentosvd.media.streaming_encode import StreamingEncode
 from bentosvd.media.video import encode_mp4
 from bentosvd.protocol import GenerationSettings, OutputSpec
@@ -96,14 +97,16 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def count_flops(unet, vae, settings: GenerationSettings, height: int, width: int) -> dict:
-    """FLOPs of one UNet forward (the guidance batch of 2) and of the whole VAE decode."""
+    """FLOPs of one UNet forward (the guidance batch of 2; 1 without guidance, as diffusers
+    runs max_guidance_scale 1) and of the whole VAE decode."""
     dev, dtype = unet.device, unet.dtype
     f, h, w = settings.num_frames, height // 8, width // 8
+    n = 2 if settings.max_guidance_scale > 1 else 1
     with torch.no_grad(), FlopCounterMode(display=False) as unet_count:
-        unet(torch.randn(2, f, unet.config.in_channels, h, w, device=dev, dtype=dtype),
+        unet(torch.randn(n, f, unet.config.in_channels, h, w, device=dev, dtype=dtype),
              torch.tensor(1.0, device=dev),
-             encoder_hidden_states=torch.randn(2, 1, unet.config.cross_attention_dim, device=dev, dtype=dtype),
-             added_time_ids=torch.randn(2, 3, device=dev, dtype=dtype))
+             encoder_hidden_states=torch.randn(n, 1, unet.config.cross_attention_dim, device=dev, dtype=dtype),
+             added_time_ids=torch.randn(n, 3, device=dev, dtype=dtype))
     chunk = settings.decode_chunk_size
     kwargs = {"num_frames": chunk} if "num_frames" in vae.forward.__code__.co_varnames else {}
     with torch.no_grad(), FlopCounterMode(display=False) as vae_count:
@@ -231,6 +234,10 @@ def vanilla(parts: dict, image: np.ndarray, settings: GenerationSettings, device
             torch.cuda.reset_peak_memory_stats(device)
         sync(device)
         start = time.perf_counter()
+        generator = torch.Generator(device).manual_seed(settings.seed)
+        # The turbo sampler's re-noising draws from it too (diffusers' step() gets no
+        # generator; the authors' app seeds torch's global one), as in VideoGenerator.
+        pipe.scheduler.generator = generator
         frames = pipe(pil, height=image.shape[0], width=image.shape[1],
                       num_frames=settings.num_frames,
                       num_inference_steps=settings.num_inference_steps,
@@ -238,8 +245,7 @@ def vanilla(parts: dict, image: np.ndarray, settings: GenerationSettings, device
                       max_guidance_scale=settings.max_guidance_scale, fps=settings.fps,
                       motion_bucket_id=settings.motion_bucket_id,
                       noise_aug_strength=settings.noise_aug_strength,
-                      decode_chunk_size=settings.decode_chunk_size,
-                      generator=torch.Generator(device).manual_seed(settings.seed)).frames[0]
+                      decode_chunk_size=settings.decode_chunk_size, generator=generator).frames[0]
         encode_mp4(np.stack([np.asarray(f) for f in frames]), settings.fps)
         sync(device)
         times.append(time.perf_counter() - start)
@@ -250,12 +256,14 @@ def vanilla(parts: dict, image: np.ndarray, settings: GenerationSettings, device
             "frames": np.stack([np.asarray(f) for f in frames])}
 
 
-def bench_generation(frames: int, steps: int, decoding_t: int) -> GenerationSettings:
-    """The generation every benchmark and probe times: guidance 1.0 -> 3.0, seed 0."""
+def bench_generation(frames: int, steps: int, decoding_t: int, guidance=(1.0, 3.0),
+                     motion_bucket_id: int = 127) -> GenerationSettings:
+    """The generation every benchmark and probe times: guidance 1.0 -> 3.0 (a turbo
+    variant: its own, with its motion), seed 0."""
     return GenerationSettings(
-        num_frames=frames, num_inference_steps=steps, min_guidance_scale=1.0,
-        max_guidance_scale=3.0, fps=7, motion_bucket_id=127, noise_aug_strength=0.02,
-        decode_chunk_size=decoding_t, seed=0)
+        num_frames=frames, num_inference_steps=steps, min_guidance_scale=guidance[0],
+        max_guidance_scale=guidance[1], fps=7, motion_bucket_id=motion_bucket_id,
+        noise_aug_strength=0.02, decode_chunk_size=decoding_t, seed=0)
 
 
 def bench_image(height: int, width: int) -> np.ndarray:
@@ -263,15 +271,46 @@ def bench_image(height: int, width: int) -> np.ndarray:
     return np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
 
 
+def generation(args) -> GenerationSettings:
+    """What (a), (b) and (c) generate: for SVD's variants the benchmark's own generation
+    (guidance 1.0 -> 3.0, motion 127), which every past run used; for a turbo variant its
+    authors' guidance and motion. Steps and frames: --steps, --frames."""
+    variant = VARIANTS[args.variant]
+    if variant.sampler == "euler":
+        return bench_generation(args.frames, args.steps, args.decoding_t)
+    return bench_generation(args.frames, args.steps, args.decoding_t,
+                            (variant.min_guidance_scale, variant.max_guidance_scale),
+                            variant.motion_bucket_id)
+
+
+def served_variant(args) -> str:
+    """The MODEL_VERSION the server benchmark registers and serves: --variant, or with the
+    demo model the demo of the same sampler (`demo`, `demo_turbo`)."""
+    if args.model != "demo":
+        return args.variant
+    sampler = VARIANTS[args.variant].sampler
+    return next(v.name for v in VARIANTS.values() if v.demo and v.sampler == sampler)
+
+
+def server_params(args) -> dict:
+    """The `params` of every request the server benchmark sends: the same generation as (b)
+    (the variant's own defaults may differ: SVD-XT's are 30 steps)."""
+    job = generation(args)
+    return {"seed": job.seed, "decoding_t": job.decode_chunk_size, "num_frames": job.num_frames,
+            "num_inference_steps": job.num_inference_steps,
+            "min_guidance_scale": job.min_guidance_scale,
+            "max_guidance_scale": job.max_guidance_scale, "motion_bucket_id": job.motion_bucket_id}
+
+
 def bench_pipeline(args, device, dtype, save=lambda r: None) -> dict:
-    variant_frames = args.frames
+    variant_frames, sampler = args.frames, VARIANTS[args.variant].sampler
     if args.model == "demo":
-        parts = build_demo(variant_frames)
+        parts = build_demo(variant_frames, sampler=sampler)
     else:
-        parts = build_synthetic(variant_frames, device=device, dtype=dtype)
+        parts = build_synthetic(variant_frames, device=device, dtype=dtype, sampler=sampler)
     parts = {k: (v.to(device, dtype) if isinstance(v, torch.nn.Module) else v) for k, v in parts.items()}
     image = bench_image(args.height, args.width)
-    settings = bench_generation(variant_frames, args.steps, args.decoding_t)
+    settings = generation(args)
     result = {"settings": settings.model_dump(), "height": args.height, "width": args.width}
     save(result)
 
@@ -479,7 +518,7 @@ def bench_server(args, save=lambda r: None) -> dict:
            "COMPILE_CACHE_DIR": os.environ["TORCHINDUCTOR_CACHE_DIR"],
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
            "WARMUP": json.dumps(args.server_warmup), **server_env}
-    variant = "demo" if args.model == "demo" else args.variant
+    variant = served_variant(args)
     cmd = [sys.executable, "import_model.py", "--variant", variant]
     if args.model == "synthetic":
         cmd.append("--synthetic")
@@ -493,10 +532,7 @@ def bench_server(args, save=lambda r: None) -> dict:
     buf = io.BytesIO()
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (args.height, args.width, 3), dtype=np.uint8)).save(buf, "PNG")
-    # The same generation as (b): the variant's own defaults differ (SVD-XT: 30 steps).
-    params = {"seed": 0, "decoding_t": args.decoding_t, "num_frames": args.frames,
-              "num_inference_steps": args.steps, "min_guidance_scale": 1.0,
-              "max_guidance_scale": 3.0}
+    params = server_params(args)
     result = {}
     for start_kind in args.server_starts:
         port = free_port()
@@ -633,11 +669,15 @@ def _num(x) -> str:
     return "identical" if x == math.inf else f"{x:.1f}"
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None, device: torch.device | None = None) -> argparse.Namespace:
+    """The options, with the defaults that depend on the device and the variant filled in."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=["synthetic", "demo"], default=None,
                         help="default: synthetic on CUDA, demo on CPU")
-    parser.add_argument("--variant", default="svd_xt")
+    parser.add_argument("--variant", default="svd_xt",
+                        choices=[name for name, v in VARIANTS.items() if not v.demo],
+                        help="the architecture and sampler (the weights stay random); "
+                        "svd_xt_turbo: AnimateLCM's sampler at its authors' defaults")
     parser.add_argument("--frames", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--height", type=int, default=None)
@@ -671,24 +711,34 @@ def main(argv=None) -> int:
                         metavar="PATH", help="also write the table and the command as markdown "
                         "(default path: --out's, ending in .md)")
     args = parser.parse_args(argv)
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    args.model = args.model or ("synthetic" if device.type == "cuda" else "demo")
+    demo = args.model == "demo"
+    variant = VARIANTS[args.variant]
+    args.frames = args.frames or (8 if demo else 25)
+    # A turbo variant at its authors' step count; SVD's at the benchmark's own.
+    args.steps = args.steps or (variant.num_inference_steps if variant.sampler != "euler"
+                                else 8 if demo else 25)
+    args.height = args.height or (144 if demo else 576)
+    args.width = args.width or (256 if demo else 1024)
+    args.decoding_t = min(args.decoding_t, args.frames)
+    return args
+
+
+def main(argv=None) -> int:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    args = parse_args(argv, device)
     # Killed by `timeout` or a scheduler: stop the way Ctrl+C does, so the server being
     # timed (in a process group of its own) is stopped too and the numbers so far are kept.
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    args.model = args.model or ("synthetic" if device.type == "cuda" else "demo")
-    demo = args.model == "demo"
-    args.frames = args.frames or (8 if demo else 25)
-    args.steps = args.steps or (8 if demo else 25)
-    args.height = args.height or (144 if demo else 576)
-    args.width = args.width or (256 if demo else 1024)
-    args.decoding_t = min(args.decoding_t, args.frames)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     # One compile cache for the pipeline modes and the server: a fresh one unless given.
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="bentosvd-inductor-"))
 
-    result = {"environment": environment(device, argv), "model": args.model}
+    result = {"environment": environment(device, argv), "model": args.model,
+              "variant": served_variant(args)}
     if not args.server_only:
         result["pipeline"] = bench_pipeline(args, device, dtype, save=lambda r: save(args.out, {**result, "pipeline": r}))
         save(args.out, result)
@@ -712,7 +762,7 @@ def write_markdown(path: Path, result: dict, report: str) -> None:
     """The run as a results file: what ran where, the command, then the table. Kept beside
     its JSON in benchmarks/results/ when the journal cites the run."""
     env = result["environment"]
-    lines = [f"# {result['model']} model on {env.get('gpu', 'CPU')}", "",
+    lines = [f"# {result['model']} model ({result.get('variant', 'svd_xt')}) on {env.get('gpu', 'CPU')}", "",
              f"    {env['command']}", "",
              f"torch {env['torch']}, diffusers {env['diffusers']}, Python {env['python']}"]
     if "pipeline" in result:

@@ -17,7 +17,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from bentosvd.media.formats import FORMATS, MAX_INTERPOLATED_FPS, X264_PRESETS
 from bentosvd.svd.speedups import step_cache_problem
 
-VariantName = Literal["svd", "svd_xt", "svd_image_decoder", "svd_xt_image_decoder", "svd_xt_1_1", "demo"]
+VariantName = Literal["svd", "svd_xt", "svd_image_decoder", "svd_xt_image_decoder", "svd_xt_1_1",
+                      "svd_xt_turbo", "demo", "demo_turbo"]
 
 # Seeds stay within JavaScript's safe integers so a seed shown in a browser or JSON
 # client round-trips exactly.
@@ -28,7 +29,8 @@ MAX_GUIDANCE = 10.0
 
 
 class Variant(BaseModel):
-    """A model variant and the defaults of Stability's reference scripts for it."""
+    """A model variant and its authors' defaults: Stability's reference scripts for SVD,
+    AnimateLCM's for the turbo variants."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -43,11 +45,24 @@ class Variant(BaseModel):
     height: int
     frame_decoder: Literal["temporal", "image"]
     description: str
+    max_inference_steps: int = MAX_STEPS  # a request's num_inference_steps at most
+    motion_bucket_id: int = 127  # a request's default motion
+    # How the latents are denoised: SVD's Euler scheduler, or AnimateLCM-SVD-xt's
+    # consistency sampler (bentosvd/svd/turbo_sampler.py), whose few steps need no guidance.
+    sampler: Literal["euler", "animatelcm"] = "euler"
+    demo: bool = False  # tiny random weights built in code: the video is noise
 
 
 _SVD = dict(num_frames=14, num_inference_steps=25, min_guidance_scale=1.0, max_guidance_scale=2.5)
 _SVD_XT = dict(num_frames=25, num_inference_steps=30, min_guidance_scale=1.5, max_guidance_scale=3.0)
 _REAL = dict(width=1024, height=576, image_encoder_name="clip-vit-h-14-laion")
+# AnimateLCM-SVD-xt's authors' defaults: 4 steps (1-8), no classifier-free guidance, motion
+# 80, fps conditioning 7 (fps_id 6). TURBO_DEFAULTS in bentosvd/svd/turbo_sampler.py gives
+# their sources; a test keeps the two equal (this module imports no torch).
+_TURBO = dict(sampler="animatelcm", num_inference_steps=4, max_inference_steps=8,
+              min_guidance_scale=1.0, max_guidance_scale=1.0, motion_bucket_id=80)
+_DEMO = dict(demo=True, image_encoder_name="clip-demo", frame_decoder="temporal", num_frames=8,
+             width=256, height=144)
 
 VARIANTS: dict[str, Variant] = {
     v.name: v
@@ -63,11 +78,16 @@ VARIANTS: dict[str, Variant] = {
                 description="SVD-XT, 25 frames, frame-wise VAE decoder"),
         Variant(name="svd_xt_1_1", store_name="svd_xt_1_1", frame_decoder="temporal", **_SVD_XT,
                 **_REAL, description="SVD-XT 1.1, 25 frames; fine-tuned at fps_id 6, motion 127"),
+        Variant(name="svd_xt_turbo", store_name="svd_xt_turbo", frame_decoder="temporal",
+                num_frames=25, **_TURBO, **_REAL,
+                description="AnimateLCM-SVD-xt: SVD-XT distilled to 1-8 steps without guidance; "
+                "its videos differ from SVD-XT's"),
         # Tiny random weights built in code: runs anywhere in seconds, makes noise.
-        Variant(name="demo", store_name="svd_demo", image_encoder_name="clip-demo",
-                frame_decoder="temporal", num_frames=8, num_inference_steps=8,
-                min_guidance_scale=1.0, max_guidance_scale=2.5, width=256, height=144,
+        Variant(name="demo", store_name="svd_demo", num_inference_steps=8, min_guidance_scale=1.0,
+                max_guidance_scale=2.5, **_DEMO,
                 description="demo: tiny random weights, output is noise"),
+        Variant(name="demo_turbo", store_name="svd_demo_turbo", **_TURBO, **_DEMO,
+                description="demo of svd_xt_turbo's sampler: tiny random weights, output is noise"),
     ]
 }
 
@@ -224,6 +244,19 @@ class Settings(BaseSettings):
         "request), else run once (one step, decoded and encoded) so the first request is "
         "as fast as the next.",
     )
+    rife_model: str = Field(
+        "rife", description="The RIFE model (frame interpolation) in the model store: `rife` "
+        "for the latest registered, a full tag, or `none`. Without one, interpolation uses "
+        "FFmpeg's minterpolate.",
+    )
+    compile_in_background: bool = Field(
+        True, description="With the fast path and a compile cache that lacks this model's "
+        "blocks (a fresh node): /readyz turns 200 once one eager generation per WARMUP shape "
+        "has run, requests run eagerly while the compiled blocks are built in the background, "
+        "and each shape runs compiled from the request after its blocks are done. Off: they "
+        "are compiled before /readyz turns 200. A cache that has them all loads before "
+        "/readyz either way.",
+    )
     compile_cache_dir: str = Field(
         "~/.cache/bentosvd/inductor",
         description="torch.compile's cache (TORCHINDUCTOR_CACHE_DIR), with the UNet's blocks "
@@ -247,6 +280,12 @@ class Settings(BaseSettings):
         if problem:
             raise ValueError(problem.replace("step_cache_layers", "STEP_CACHE_LAYERS")
                              .replace("step_cache", "STEP_CACHE"))
+        if self.step_cache and self.variant.sampler != "euler":
+            # Skipping most of the UNet on steps between full ones pays over 25-30 Euler
+            # steps; a consistency sampler's few steps each jump far, with nothing to reuse.
+            raise ValueError(f"STEP_CACHE={self.step_cache} is not for MODEL_VERSION="
+                             f"{self.model_version}: its {self.variant.num_inference_steps} "
+                             "consistency steps leave nothing to skip; unset STEP_CACHE")
         return self
 
     @property
@@ -275,8 +314,9 @@ class Params(BaseModel):
         6, ge=1, le=30,
         description="Frame-rate conditioning; the video plays at fps_id + 1 frames per second.",
     )
-    motion_bucket_id: int = Field(
-        127, ge=0, le=255, description="Amount of motion (trained range 0-255; higher moves more)."
+    motion_bucket_id: int | None = Field(
+        None, ge=0, le=255, description="Amount of motion (trained range 0-255; higher moves "
+        "more); null: the variant's (GET /info gives it).",
     )
     cond_aug: float = Field(
         0.02, ge=0.0, le=1.0, allow_inf_nan=False,
@@ -300,15 +340,22 @@ class Params(BaseModel):
     boomerang: bool = Field(False, description="Play forward then backward (2F-2 frames).")
     interpolate_fps: int | None = Field(
         None, ge=2, le=MAX_INTERPOLATED_FPS,
-        description="Raise the frame rate to this many fps with motion-compensated "
-        "interpolation (must be above fps_id + 1); null: no interpolation.",
+        description="Raise the frame rate to this many fps by interpolating frames (must be "
+        "above fps_id + 1); the clip keeps its length: (F-1)*interpolate_fps//fps + 1 frames. "
+        "null: no interpolation.",
+    )
+    interpolation: Literal["rife", "minterpolate"] | None = Field(
+        None, description="How interpolate_fps makes the new frames: rife (a learned model, "
+        "on the GPU, when one is registered) or minterpolate (FFmpeg's motion compensation, "
+        "on the CPU). null: rife if registered, else minterpolate.",
     )
     num_frames: int | None = Field(
         None, ge=2, le=MAX_FRAMES,
         description="Frames to generate (2 to the variant's frame count); null: the variant's.",
     )
     num_inference_steps: int | None = Field(
-        None, ge=1, le=MAX_STEPS, description="Denoising steps; null: the variant's."
+        None, ge=1, le=MAX_STEPS, description="Denoising steps, 1 to the variant's most (GET "
+        "/info gives it); null: the variant's.",
     )
     # At least 1: below it diffusers silently turns guidance off, which Stability's own
     # sampler does not; refused rather than quietly meaning something else.

@@ -36,7 +36,9 @@ class GenerationSettings(BaseModel):
 
 class OutputSpec(BaseModel):
     """How the frames become a file: `format` at `fps`, first interpolated to
-    `interpolate_fps` and played forward then backward (`boomerang`) if asked."""
+    `interpolate_fps` (by `interpolation`: RIFE on the worker's GPU as the frames are
+    decoded, or minterpolate in the encode) and played forward then backward (`boomerang`)
+    if asked."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -44,6 +46,7 @@ class OutputSpec(BaseModel):
     fps: int
     boomerang: bool = False
     interpolate_fps: int | None = None
+    interpolation: Literal["rife", "minterpolate"] = "minterpolate"
 
 
 class FailureKind(str, Enum):

@@ -587,3 +587,30 @@ def diffusers_vae_to_ldm(state: dict, *, num_levels: int) -> dict:
         new = new.replace(".conv_shortcut.", ".nin_shortcut.")
         out[new] = value
     return out
+
+
+TURBO_REPO = "wangfuyun/AnimateLCM-SVD-xt"
+
+
+def make_tiny_turbo_repo(root: Path, base: TinyRepo, *, repo_id: str = TURBO_REPO, seed: int = 0) -> dict:
+    """Write `root/<repo_id>/` as AnimateLCM-SVD-xt's authors publish it: at the repo's root, files each holding a
+    whole fp32 state dict (diffusers' key names) of the UNet that `base`'s unet/config.json describes (1.1 and 1.0,
+    different weights), a README, no diffusers folders. Returns {file name: its state dict}."""
+    import torch
+    from diffusers import UNetSpatioTemporalConditionModel
+    from safetensors.torch import save_file
+
+    path = Path(root) / repo_id
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    config = json.loads((base.path / "unet" / "config.json").read_text())
+    states = {}
+    for i, name in enumerate(("AnimateLCM-SVD-xt-1.1.safetensors", "AnimateLCM-SVD-xt.safetensors")):
+        torch.manual_seed(seed + i)
+        unet = UNetSpatioTemporalConditionModel.from_config(config)
+        states[name] = {k: v.detach().clone().contiguous() for k, v in unet.state_dict().items()}
+        save_file(states[name], path / name)
+    (path / "README.md").write_text(f"---\nlicense: other\n---\n# {repo_id} (tiny, random weights)\n")
+    (path / ".gitattributes").write_text("*.safetensors filter=lfs diff=lfs merge=lfs -text\n")
+    return states

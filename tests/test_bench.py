@@ -177,3 +177,27 @@ def test_the_probes_refuse_too_few_steps_to_time_one():
         assert stopped.value.code == 2
     assert gaps.parse_args([]).steps == 4 and fallback.parse_args([]).variants == [
         "eager", "fast", "fast_nchw_blocks"]
+
+
+def test_the_turbo_variant_is_benchmarked_at_its_authors_defaults():
+    """--variant svd_xt_turbo: on the CPU the demo turbo, on a GPU the synthetic one; either
+    way 4 steps without guidance at motion 80, and the server sent exactly that generation."""
+    import torch
+
+    from benchmarks.bench import generation, parse_args, served_variant, server_params
+    from bentosvd.api.planning import plan_generation
+    from bentosvd.config import VARIANTS, Params
+
+    cpu = parse_args(["--variant", "svd_xt_turbo"], torch.device("cpu"))
+    gpu = parse_args(["--variant", "svd_xt_turbo", "--decoding-t", "1"], torch.device("cuda"))
+    assert (cpu.model, served_variant(cpu), cpu.frames) == ("demo", "demo_turbo", 8)
+    assert (gpu.model, served_variant(gpu), gpu.frames, gpu.height) == ("synthetic", "svd_xt_turbo", 25, 576)
+    for args in (cpu, gpu):
+        job = generation(args)
+        assert (job.num_inference_steps, job.min_guidance_scale, job.max_guidance_scale,
+                job.motion_bucket_id) == (4, 1.0, 1.0, 80)
+        planned, _ = plan_generation(Params(**server_params(args)), VARIANTS[served_variant(args)], "mp4")
+        assert planned == job
+    # SVD-XT's runs keep the benchmark's own generation.
+    svd_xt = generation(parse_args([], torch.device("cuda")))
+    assert (svd_xt.num_inference_steps, svd_xt.max_guidance_scale, svd_xt.motion_bucket_id) == (25, 3.0, 127)

@@ -19,9 +19,11 @@ from fake_hub import (  # noqa: E402
     GOOD_TOKEN,
     NOT_GRANTED_TOKEN,
     TINY_IMAGE_VAE_CONFIG,
+    TURBO_REPO,
     FakeHub,
     closed_port_url,
     make_tiny_repo,
+    make_tiny_turbo_repo,
 )
 
 from bentosvd.weights import hub  # noqa: E402
@@ -63,9 +65,11 @@ def sha256(path: Path) -> str:
 @pytest.fixture(scope="session")
 def repos(tmp_path_factory):
     root = tmp_path_factory.mktemp("hub")
+    svd_xt = make_tiny_repo(root, SVD_XT, image_decoder_file="svd_xt_image_decoder.safetensors", seed=2)
     return {
         SVD: make_tiny_repo(root, SVD, image_decoder_file="svd_image_decoder.safetensors", seed=1),
-        SVD_XT: make_tiny_repo(root, SVD_XT, image_decoder_file="svd_xt_image_decoder.safetensors", seed=2),
+        SVD_XT: svd_xt,
+        TURBO_REPO: make_tiny_turbo_repo(root, svd_xt, seed=4),  # {file: its state dict}
         "root": root,
     }
 
@@ -422,4 +426,113 @@ def test_allow_patterns_never_match_unwanted_files():
         expected = set(FP16_FILES)
         if variant.endswith("image_decoder"):
             expected.discard("vae/diffusion_pytorch_model.fp16.safetensors")
+        if hub.HUB_SOURCES[variant].unet_file:  # the turbo's UNet comes from its own repo
+            expected.discard(UNET16)
         assert picked == expected, variant
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The turbo variant: AnimateLCM-SVD-xt's UNet file + SVD-XT's other parts
+# ------------------------------------------------------------------------------------------------------------
+
+TURBO_UNET = "AnimateLCM-SVD-xt-1.1.safetensors"
+
+
+def assert_turbo_layout(dest: Path, state: dict) -> None:
+    """The UNet is the given state dict, cast to fp16, under SVD-XT's unet config; the scheduler is the
+    AnimateLCM sampler's, with its authors' settings."""
+    import torch
+    from safetensors.torch import load_file
+
+    from bentosvd.svd.turbo_sampler import TURBO_SCHEDULER_CONFIG
+
+    saved = load_file(dest / "pipeline" / UNET16)
+    assert saved.keys() == state.keys()
+    for key, tensor in state.items():
+        assert saved[key].dtype == torch.float16
+        torch.testing.assert_close(saved[key], tensor.half(), rtol=0, atol=0, msg=key)
+    scheduler = json.loads((dest / "pipeline" / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["_class_name"] == "AnimateLCMSVDScheduler"
+    assert {k: scheduler[k] for k in TURBO_SCHEDULER_CONFIG} == TURBO_SCHEDULER_CONFIG
+
+
+def test_turbo_download_takes_the_unet_file_from_its_authors_repo(fake_hub, repos, tmp_path, cache):
+    dest = tmp_path / "model"
+    meta = download(fake_hub, "svd_xt_turbo", dest, cache)
+
+    # SVD-XT's files less its UNet's weights; of the authors' repo, the one file their app loads.
+    assert sorted(fake_hub.file_requests("GET", SVD_XT)) == sorted(FP16_FILES - {UNET16})
+    assert fake_hub.file_requests("GET", TURBO_REPO) == [TURBO_UNET]
+    assert meta["repo_id"] == SVD_XT and meta["revision"] == fake_hub.repos[SVD_XT].commit
+    assert meta["unet"] == {"repo_id": TURBO_REPO, "revision": fake_hub.repos[TURBO_REPO].commit,
+                            "file": TURBO_UNET, "sha256": fake_hub.repos[TURBO_REPO].files[TURBO_UNET].sha256}
+    assert meta["weights"] == {"unet": "fp16", "vae": "fp16", "image_encoder": "fp16"}
+    assert set(meta["files"]) == DEST_FILES
+    check_files(meta, dest)
+    assert_turbo_layout(dest, repos[TURBO_REPO][TURBO_UNET])
+    # The scheduler config was replaced, not written through its hard link into the download cache.
+    (cached,) = cache.glob("models--stabilityai--stable-video-diffusion-img2vid-xt/snapshots/*/scheduler/*.json")
+    assert json.loads(cached.read_text())["_class_name"] == "EulerDiscreteScheduler"
+
+    # --revision names the UNet's repo (SVD-XT's parts stay at their pinned revision).
+    with pytest.raises(DownloadError, match=f"Revision 'no-such-branch' was not found in {TURBO_REPO}"):
+        download(fake_hub, "svd_xt_turbo", tmp_path / "other", cache, revision="no-such-branch")
+
+
+def test_turbo_loads_with_its_sampler_and_runs(fake_hub, tmp_path, cache):
+    import numpy as np
+    import torch
+
+    from bentosvd.protocol import GenerationSettings
+    from bentosvd.svd.generator import VideoGenerator
+    from bentosvd.svd.loading import load_parts
+    from bentosvd.svd.turbo_sampler import AnimateLCMSVDScheduler
+
+    dest = tmp_path / "model"
+    download(fake_hub, "svd_xt_turbo", dest, cache)
+    parts = load_parts(dest / "pipeline", dest / "image_encoder", torch.device("cpu"), torch.float32)
+    assert type(parts["scheduler"]) is AnimateLCMSVDScheduler
+    settings = GenerationSettings(num_frames=2, num_inference_steps=2, min_guidance_scale=1.0,
+                                  max_guidance_scale=1.0, fps=7, motion_bucket_id=80, noise_aug_strength=0.02,
+                                  decode_chunk_size=2, seed=0)
+    video = VideoGenerator(parts, torch.device("cpu")).generate(np.zeros((64, 64, 3), np.uint8), settings)
+    assert video.shape == (2, 64, 64, 3) and video.dtype == np.uint8
+
+
+def test_turbo_from_dirs(repos, tmp_path):
+    """SVD-XT's copy plus the UNet file named by unet_from (the 1.0 file here), or a copy of the authors' repo
+    (its default file), or nothing: then the message says what is missing and where it comes from."""
+    turbo = repos["root"] / TURBO_REPO
+    meta = copy_from_dir("svd_xt_turbo", repos[SVD_XT].path, tmp_path / "a",
+                         unet_from=turbo / "AnimateLCM-SVD-xt.safetensors")
+    assert meta["unet"]["file"] == "AnimateLCM-SVD-xt.safetensors" and meta["dtype"] == "float16"
+    assert_turbo_layout(tmp_path / "a", repos[TURBO_REPO]["AnimateLCM-SVD-xt.safetensors"])
+    check_files(meta, tmp_path / "a")
+
+    meta = copy_from_dir("svd_xt_turbo", repos[SVD_XT].path, tmp_path / "b", unet_from=turbo)
+    assert meta["unet"]["file"] == TURBO_UNET
+    assert_turbo_layout(tmp_path / "b", repos[TURBO_REPO][TURBO_UNET])
+
+    with pytest.raises(MissingFilesError) as excinfo:
+        copy_from_dir("svd_xt_turbo", repos[SVD_XT].path, tmp_path / "c")
+    text = str(excinfo.value)
+    assert f"{TURBO_UNET} (missing)" in text and f"huggingface.co/{TURBO_REPO}" in text and "--unet-from" in text
+
+
+def test_turbo_refuses_a_file_that_is_not_svd_xts_unet(repos, tmp_path):
+    """Checked as the authors load it (strict): a file of other tensors names what is wrong."""
+    with pytest.raises(hub.ConversionError) as excinfo:
+        copy_from_dir("svd_xt_turbo", repos[SVD_XT].path, tmp_path / "model",
+                      unet_from=repos[SVD_XT].path / "svd_xt_image_decoder.safetensors")
+    text = str(excinfo.value)
+    assert "not a state dict of SVD-XT's UNet" in text, text
+    assert "keys missing (e.g. add_embedding." in text and "keys unexpected (e.g. conditioner." in text
+    assert not (tmp_path / "model" / "pipeline").exists()
+
+
+def test_turbo_repo_names_are_the_samplers():
+    from bentosvd.svd.turbo_sampler import TURBO_HUB_REPO, TURBO_UNET_FILES
+
+    source = hub.HUB_SOURCES["svd_xt_turbo"]
+    assert (source.unet_repo_id, source.unet_file) == (TURBO_HUB_REPO, TURBO_UNET_FILES["default"])
+    assert source.repo_id == SVD_XT and TURBO_REPO == TURBO_HUB_REPO

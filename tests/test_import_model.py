@@ -13,7 +13,15 @@ import pytest
 import torch
 
 from tests.conftest import ROOT
-from tests.fake_hub import GOOD_TOKEN, NOT_GRANTED_TOKEN, FakeHub, closed_port_url, make_tiny_repo
+from tests.fake_hub import (
+    GOOD_TOKEN,
+    NOT_GRANTED_TOKEN,
+    TURBO_REPO,
+    FakeHub,
+    closed_port_url,
+    make_tiny_repo,
+    make_tiny_turbo_repo,
+)
 
 SVD_XT = "stabilityai/stable-video-diffusion-img2vid-xt"
 
@@ -21,7 +29,8 @@ SVD_XT = "stabilityai/stable-video-diffusion-img2vid-xt"
 @pytest.fixture(scope="module")
 def hub_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("hub")
-    make_tiny_repo(root, SVD_XT, image_decoder_file="svd_xt_image_decoder.safetensors", seed=3)
+    base = make_tiny_repo(root, SVD_XT, image_decoder_file="svd_xt_image_decoder.safetensors", seed=3)
+    make_tiny_turbo_repo(root, base, seed=5)
     return root
 
 
@@ -71,6 +80,49 @@ def test_hub_import_registers_variant_and_encoder(tmp_path, hub_root):
         assert again.returncode == 0, again.stderr
         assert "already registered" in again.stdout
         assert models(tmp_path).keys() == tags.keys()  # re-running registers nothing new
+
+
+def test_turbo_hub_import_takes_the_unet_from_its_authors_repo(tmp_path, hub_root):
+    """svd_xt_turbo: SVD-XT's VAE and encoder, AnimateLCM-SVD-xt's UNet file; the encoder is the very one
+    svd_xt registers (same files, same labels: stored once), the UNet's origin is labelled on the variant."""
+    unet_file = "AnimateLCM-SVD-xt-1.1.safetensors"
+    with FakeHub(hub_root) as hub:
+        env = {"HF_ENDPOINT": hub.url, "HF_TOKEN": GOOD_TOKEN}
+        result = run(tmp_path, "import_model.py", "--variant", "svd_xt_turbo", **env)
+        assert result.returncode == 0, result.stderr
+        assert "MODEL_VERSION=svd_xt_turbo bentoml serve" in result.stdout
+        assert run(tmp_path, "import_model.py", "--variant", "svd_xt", **env).returncode == 0
+        turbo_commit = hub.repos[TURBO_REPO].commit
+    tags = models(tmp_path)
+    assert sorted({t.split(":")[0] for t in tags}) == ["clip-vit-h-14-laion", "svd_xt", "svd_xt_turbo"]
+    assert len(tags) == 3  # one encoder for both
+    (tag,) = [t for t in tags if t.startswith("svd_xt_turbo:")]
+    labels = info(tmp_path, tag)["labels"]
+    assert labels["variant"] == "svd_xt_turbo" and labels["source"] == f"hf:{SVD_XT}"
+    assert labels["unet_source"] == f"hf:{TURBO_REPO}" and labels["unet_file"] == unet_file
+    assert labels["unet_revision"] == turbo_commit
+    assert labels["unet_sha256"] == sha256_file(hub_root / TURBO_REPO / unet_file)
+    files = info(tmp_path, tag)["metadata"]["files"]
+    assert {"pipeline/unet/diffusion_pytorch_model.fp16.safetensors", "pipeline/unet/config.json",
+            "pipeline/scheduler/scheduler_config.json"} <= set(files)
+
+
+def test_turbo_from_dirs(tmp_path, hub_root):
+    result = run(tmp_path, "import_model.py", "--variant", "svd_xt_turbo", "--from-dir",
+                 str(hub_root / SVD_XT), "--unet-from", str(hub_root / TURBO_REPO))
+    assert result.returncode == 0, result.stderr
+    import yaml
+
+    (model,) = (tmp_path / "models" / "svd_xt_turbo").glob("*/model.yaml")  # the CLI cuts long labels
+    labels = yaml.safe_load(model.read_text())["labels"]
+    assert labels["source"] == f"dir:{hub_root / SVD_XT}"
+    assert labels["unet_source"] == f"dir:{hub_root / TURBO_REPO}"
+    config = model.parent / "pipeline" / "scheduler" / "scheduler_config.json"
+    assert json.loads(config.read_text())["_class_name"] == "AnimateLCMSVDScheduler"
+    # Without the UNet file: one paragraph saying which file and where it comes from.
+    missing = run(tmp_path / "other", "import_model.py", "--variant", "svd_xt_turbo", "--from-dir",
+                  str(hub_root / SVD_XT))
+    assert_one_paragraph(missing, "AnimateLCM-SVD-xt-1.1.safetensors (missing)", "--unet-from")
 
 
 def assert_one_paragraph(result: subprocess.CompletedProcess, *phrases: str) -> None:
@@ -162,6 +214,12 @@ def test_missing_model_fails_startup_naming_tag_and_command(tmp_path):
     assert result.returncode != 0
     assert "'svd_xt:latest'" in result.stderr
     assert "MODEL_VERSION=svd_xt python import_model.py" in result.stderr
+
+
+def sha256_file(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def test_synthetic_model_has_the_full_size_architecture():

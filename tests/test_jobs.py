@@ -179,7 +179,7 @@ def test_the_next_generation_starts_while_the_last_video_is_encoded(server, test
     encodes the first (a slow encode here: interpolated to 60 fps, VP9). Both are then
     "running" at once, which a worker held until its video was sent would never show."""
     slow = submit(server, test_image, {"seed": 1, "interpolate_fps": 60, "boomerang": True,
-                                       "format": "webm"}).json()
+                                       "interpolation": "minterpolate", "format": "webm"}).json()
     nxt = submit(server, test_image, {"seed": 2}).json()
     # Generous: on a busy machine the demo's CPU work can take many times its ~15 s here.
     overlap, deadline = False, time.monotonic() + 300

@@ -208,3 +208,9 @@ def test_the_start_log_is_clean_and_says_ready_once(server):
     assert "warmed up landscape (256x144)" in log and "warmed up portrait (144x256)" in log
     (ready,) = [line for line in log.splitlines() if "] ready: " in line]
     assert "svd_demo" in ready and "on cpu" in ready and "speed-ups:" in ready and "/ui/" in ready
+    assert "shapes: landscape eager, portrait eager" in ready  # no fast path on the CPU
+    workers = httpx.get(f"{server.url}/info", timeout=30).json()["workers"]
+    assert workers == [{"device": "cpu", "speedups": workers[0]["speedups"],
+                        "shapes": {"landscape": "eager", "portrait": "eager"},
+                        "rife": workers[0]["rife"]}], workers
+    assert workers[0]["rife"].startswith("rife:")  # the demo's random RIFE

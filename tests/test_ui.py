@@ -251,10 +251,11 @@ def test_generate_plays_the_video_and_downloads_a_valid_mp4(ui, info, tmp_path):
     assert not ui.off_host(), ui.off_host()
 
 
-def test_gif_plays_in_an_img(ui, info, tmp_path):
+def test_gif_plays_in_an_img_smoothed_as_the_page_says(ui, info, tmp_path):
     ui.open()
     ui.choose(make_image(tmp_path / "photo.png", size=(800, 600)))
     ui.page.select_option("#param-format", "gif")
+    ui.page.fill("#param-interpolate_fps", "14")
     ui.page.click("#submit")
     ui.wait_status("succeeded")
     ui.page.wait_for_function(
@@ -265,6 +266,8 @@ def test_gif_plays_in_an_img(ui, info, tmp_path):
     shown = int(ui.page.get_attribute("#seed", "data-seed"))
     assert ui.page.input_value("#param-seed") == str(shown)
     assert ui.page.get_attribute("#download", "download") == f"photo-{info['model']}-seed{shown}.gif"
+    # The demo's RIFE is the default interpolation, and the page says what was done.
+    assert ui.page.inner_text("#seed") == f"Seed used: {shown}, smoothed: rife 7->14 fps"
 
 
 def test_server_errors_are_shown_with_their_fix(ui, server, tmp_path):
@@ -321,7 +324,7 @@ def test_a_second_job_shows_its_place_in_the_queue(browser, server, ui, tmp_path
     assert not second.script_errors, second.script_errors
 
 
-ESSENTIALS = ["motion_bucket_id", "seed", "format", "num_frames", "interpolate_fps"]
+ESSENTIALS = ["motion_bucket_id", "seed", "format", "num_frames", "interpolate_fps", "interpolation"]
 
 
 def boxes_overlap(a: dict, b: dict) -> bool:

@@ -22,7 +22,7 @@ from starlette.responses import Response
 from bentosvd import metrics
 from bentosvd.api.dispatch import Dispatcher, Full, RecentDuration
 from bentosvd.api.jobs import MAX_ATTEMPTS, DatabaseUnavailable, Job, JobStore
-from bentosvd.api.planning import choose_format, plan_generation
+from bentosvd.api.planning import choose_format, interpolation_header, plan_generation
 from bentosvd.api.webhooks import Webhooks, WebhookSpec
 from bentosvd.api.worker_client import GenerationFailed, WorkerClient, WorkerGone
 from bentosvd.config import DEMO_WARNING, Params, Settings, Variant
@@ -30,6 +30,7 @@ from bentosvd.errors import PayloadTooLarge, ServiceError, error_response
 from bentosvd.media.formats import FORMATS
 from bentosvd.media.images import decode_upload
 from bentosvd.protocol import Generated, GenerationSettings, OutputSpec, Started, Step
+from bentosvd.weights import rife_models
 
 logger = logging.getLogger("bentoml.svd")
 
@@ -61,6 +62,8 @@ class Generations:
         self.client = WorkerClient(workers, timeout=settings.timeout, retry_after=self.retry_after)
         self.webhooks = Webhooks(settings.webhook_allowed_hosts, settings.webhook_secret,
                                  max_attempts=settings.webhook_max_attempts)
+        # The RIFE model the workers load (the default interpolation), if one is registered.
+        self.rife = rife_models.find(settings.rife_model)
         self.silent_since: dict[int, float] = {}  # worker -> when it first left /livez unanswered
         self._keeper: asyncio.Task | None = None
         self._announced = False  # the one line at ready
@@ -123,8 +126,10 @@ class Generations:
         if not self._announced:
             self._announced = True
             for i, h in enumerate(health):
-                logger.info("ready: %s on %s (worker %d), speed-ups: %s; the web page is at /ui/, "
-                            "the API at /docs", h.get("model"), h.get("device"), i, h.get("speedups"))
+                shapes = ", ".join(f"{k} {v}" for k, v in (h.get("shapes") or {}).items())
+                logger.info("ready: %s on %s (worker %d), speed-ups: %s, shapes: %s; the web page "
+                            "is at /ui/, the API at /docs", h.get("model"), h.get("device"), i,
+                            h.get("speedups"), shapes or "none warmed")
         return True
 
     async def _resume(self, job: Job, request: dict, image: np.ndarray | None) -> None:
@@ -186,7 +191,7 @@ class Generations:
         """Check and size the upload and take a place in the queue, or raise the 4xx."""
         image = await asyncio.to_thread(self._read_image, img, params)
         fmt = choose_format(params, request.headers.get("accept"))
-        job_settings, output = plan_generation(params, self.variant, fmt)
+        job_settings, output = plan_generation(params, self.variant, fmt, rife=self.rife is not None)
         try:
             ticket = self.dispatcher.enter()
         except Full as e:
@@ -195,7 +200,8 @@ class Generations:
                                retry_after=self.retry_after()) from None
         deadline = time.time() + self.settings.timeout - 1  # ours fires before BentoML's own
         return Job(seed=job_settings.seed, format=fmt, total_steps=job_settings.num_inference_steps,
-                   ticket=ticket, work=Work(image, job_settings, output, params, deadline))
+                   ticket=ticket, work=Work(image, job_settings, output, params, deadline),
+                   interpolation=interpolation_header(output))
 
     async def run(self, job: Job) -> None:
         """Wait for a worker, generate, and leave the outcome in `job` (and, for an async
@@ -267,9 +273,23 @@ class Generations:
         headers = {"X-Seed": str(job.seed), "X-Model": self.variant.name, "X-Request-Id": job.id,
                    "Server-Timing": server_timing(job.timings),
                    "Content-Disposition": f'inline; filename="generated_video{fmt.extension}"'}
-        if self.variant.name == "demo":
+        if self.variant.demo:
             headers["X-Model-Warning"] = DEMO_WARNING
+        if job.interpolation:
+            headers["X-Interpolation"] = job.interpolation
         return Response(video, media_type=fmt.media_type, headers=headers)
+
+    async def workers_state(self) -> list[dict]:
+        """Each worker's device, speed-ups, WARMUP shapes (`{"landscape": "compiled",
+        "portrait": "compiling"}`) and RIFE model (None: minterpolate only), or
+        `{"loading": true}` while it does not answer."""
+        async def one(index: int) -> dict:
+            try:
+                health = await self.client.health(index)
+            except Exception:
+                return {"loading": True}
+            return {k: health.get(k) for k in ("device", "speedups", "shapes", "rife")}
+        return list(await asyncio.gather(*(one(i) for i in range(self.settings.gpu_workers))))
 
     async def alive(self) -> bool:
         """For /livez: every worker is alive."""

@@ -32,8 +32,10 @@ from pathlib import Path
 import numpy as np
 
 from bentosvd.api.job_database import DatabaseUnavailable, JobDatabase
+from bentosvd.api.planning import interpolation_header
 from bentosvd.errors import ServiceError
 from bentosvd.media.formats import FORMATS
+from bentosvd.protocol import OutputSpec
 
 logger = logging.getLogger("bentoml.svd")
 
@@ -62,6 +64,7 @@ class Job:
     last_work: object | None = None  # the work of the last attempt, for another one
     webhook: dict | None = None  # WebhookSpec's fields, when the job asked for webhooks
     queue_position: int | None = None  # as last recorded, for a job run by another replica
+    interpolation: str | None = None  # X-Interpolation: what was done to the frame rate
 
     @property
     def finished(self) -> bool:
@@ -231,10 +234,15 @@ class JobStore:
     async def get(self, job_id: str) -> Job | None:
         if job_id in self.local:
             return self.local[job_id]
-        row = await self._db(self.db.get, job_id)
+        def read():
+            row = self.db.get(job_id)
+            return row, (self.db.request(job_id) if row is not None else None)
+        row, request = await self._db(read)
         if row is None:
             return None
+        output = OutputSpec.model_validate(request["output"]) if request.get("output") else None
         return Job(id=row["id"], seed=row["seed"], format=row["format"],
+                   interpolation=output and interpolation_header(output),
                    total_steps=row["total_steps"], status=row["status"], step=row["step"],
                    attempt=row["attempt"], created_at=row["created_at"],
                    finished_at=row["finished_at"], media_type=row["media_type"],
@@ -295,7 +303,8 @@ class JobStore:
                 request = self.db.request(job_id)
                 job = Job(id=job_id, seed=row["seed"], format=row["format"],
                           total_steps=row["total_steps"], attempt=attempt,
-                          created_at=row["created_at"], webhook=request.get("webhook"))
+                          created_at=row["created_at"], webhook=request.get("webhook"),
+                          interpolation=interpolation_header(OutputSpec.model_validate(request["output"])))
                 image = None
                 if attempt <= MAX_ATTEMPTS:
                     try:

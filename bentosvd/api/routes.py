@@ -27,9 +27,11 @@ def _generations() -> Generations:
     return bentoml.get_current_service().generations
 
 
-def info(request) -> JSONResponse:
-    """GET /info: the model, its sizes, and every param's schema with the model's bounds."""
+async def info(request) -> JSONResponse:
+    """GET /info: the model, its sizes, every param's schema with the model's bounds, and
+    each GPU worker's device, speed-ups and WARMUP shapes (compiled, compiling or eager)."""
     variant = get_settings().variant
+    workers = await _generations().workers_state()
     schema = Params.model_json_schema()["properties"]
     for name, prop in schema.items():  # pydantic writes optionals as anyOf [..., null]
         for option in prop.pop("anyOf", []):
@@ -38,16 +40,19 @@ def info(request) -> JSONResponse:
     schema["num_frames"]["maximum"] = variant.num_frames
     schema["decoding_t"]["maximum"] = variant.num_frames
     schema["num_inference_steps"]["default"] = variant.num_inference_steps
+    schema["num_inference_steps"]["maximum"] = variant.max_inference_steps
+    schema["motion_bucket_id"]["default"] = variant.motion_bucket_id
     schema["num_frames"]["default"] = variant.num_frames
     schema["min_guidance_scale"]["default"] = variant.min_guidance_scale
     schema["max_guidance_scale"]["default"] = variant.max_guidance_scale
     schema["format"]["default"] = "mp4"
+    schema["interpolation"]["default"] = "rife" if _generations().rife else "minterpolate"
     return JSONResponse({
         "model": variant.name, "description": variant.description,
-        "warning": DEMO_WARNING if variant.name == "demo" else None,
+        "warning": DEMO_WARNING if variant.demo else None,
         "width": variant.width, "height": variant.height, "num_frames": variant.num_frames,
         "num_inference_steps": variant.num_inference_steps, "formats": list(FORMATS),
-        "params": schema,
+        "params": schema, "workers": workers,
     })
 
 

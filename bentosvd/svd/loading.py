@@ -14,8 +14,13 @@ from diffusers import EulerDiscreteScheduler, UNetSpatioTemporalConditionModel
 # dependency), named directly so that no start logs a warning about it.
 from transformers import CLIPImageProcessorPil, CLIPVisionModelWithProjection
 
+from bentosvd.svd.turbo_sampler import AnimateLCMSVDScheduler
+
 # Folders inside the variant's model directory; the image encoder has a model of its own.
 PIPELINE_PARTS = ("unet", "vae", "scheduler", "feature_extractor")
+# The schedulers a variant's scheduler_config.json may name (`_class_name`): SVD's Euler, or
+# the turbo variants' AnimateLCM sampler, whose config the import writes.
+SCHEDULERS = {cls.__name__: cls for cls in (EulerDiscreteScheduler, AnimateLCMSVDScheduler)}
 
 
 def resolve_device(device: str = "auto", index: int = 0) -> torch.device:
@@ -64,8 +69,8 @@ def load_parts(pipeline_dir: Path, image_encoder_dir: Path, device: torch.device
     transformers.utils.logging.disable_progress_bar()
     diffusers.utils.logging.disable_progress_bar()
     # The vae is either SVD's temporal decoder or, for *_image_decoder, a frame-wise
-    # AutoencoderKL: its config names the class.
-    vae_class = json.loads((pipeline_dir / "vae" / "config.json").read_text())["_class_name"]
+    # AutoencoderKL; the scheduler Euler or the turbo's: each config names its class.
+    vae_class = _class_name(pipeline_dir / "vae" / "config.json")
     models = {
         "unet": (UNetSpatioTemporalConditionModel, pipeline_dir / "unet"),
         "vae": (getattr(diffusers, vae_class), pipeline_dir / "vae"),
@@ -75,6 +80,11 @@ def load_parts(pipeline_dir: Path, image_encoder_dir: Path, device: torch.device
     for name, (cls, folder) in models.items():
         model = cls.from_pretrained(folder, variant=_weights_variant(folder), torch_dtype=dtype)
         parts[name] = model.to(device).eval().requires_grad_(False)
-    parts["scheduler"] = EulerDiscreteScheduler.from_pretrained(pipeline_dir / "scheduler")
+    scheduler_class = SCHEDULERS[_class_name(pipeline_dir / "scheduler" / "scheduler_config.json")]
+    parts["scheduler"] = scheduler_class.from_pretrained(pipeline_dir / "scheduler")
     parts["feature_extractor"] = CLIPImageProcessorPil.from_pretrained(pipeline_dir / "feature_extractor")
     return parts
+
+
+def _class_name(config: Path) -> str:
+    return json.loads(config.read_text())["_class_name"]

@@ -8,7 +8,9 @@ Two entry points give the same result:
   LFS files pulled, or a snapshot folder copied from another machine).
 
 Both only differ in where the files come from; one function (`_assemble`) places them and, for the
-`*_image_decoder` variants, converts the frame-wise VAE out of Stability's single-file checkpoint.
+`*_image_decoder` variants, converts the frame-wise VAE out of Stability's single-file checkpoint. The turbo
+variant (`svd_xt_turbo`) takes SVD-XT's repo without its UNet weights, AnimateLCM-SVD-xt's UNet file from the
+authors' repo (a state dict, placed in diffusers' unet layout), and the AnimateLCM sampler's scheduler config.
 
 Layout written under `dest`:
 
@@ -21,9 +23,11 @@ Layout written under `dest`:
 
 `dest/pipeline` loads with `StableVideoDiffusionPipeline.from_pretrained(dest / "pipeline",
 image_encoder=<the CLIP model>, variant="fp16")`. For the image-decoder variants `model_index.json` names
-`AutoencoderKL` for `vae`, so the same call loads the frame-wise decoder.
+`AutoencoderKL` for `vae`, so the same call loads the frame-wise decoder. The turbo's scheduler is not a
+diffusers class: `bentosvd.svd.loading.load_parts` loads the class its scheduler_config.json names.
 
-Nothing here imports BentoML; torch and diffusers are only imported to convert an image-decoder VAE.
+Nothing here imports BentoML; torch and diffusers are only imported to convert weights (an image-decoder VAE,
+the turbo's UNet) and to write the turbo's scheduler config.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ __all__ = [
     "HubSource",
     "MissingFilesError",
     "convert_image_decoder_vae",
+    "convert_unet_state_dict",
     "copy_from_dir",
     "download_variant",
     "hub_allow_patterns",
@@ -62,11 +67,19 @@ __all__ = [
 class HubSource:
     repo_id: str
     image_decoder_file: str | None  # e.g. "svd_image_decoder.safetensors"; None: temporal decoder from vae/
+    # The UNet's weights from another repo instead: a file at its root holding a whole state dict (diffusers'
+    # key names) of the UNet that repo_id's unet/config.json describes.
+    unet_repo_id: str | None = None
+    unet_file: str | None = None
 
 
 _SVD = "stabilityai/stable-video-diffusion-img2vid"
 _SVD_XT = "stabilityai/stable-video-diffusion-img2vid-xt"
 _SVD_XT_1_1 = "stabilityai/stable-video-diffusion-img2vid-xt-1-1"
+# = bentosvd.svd.turbo_sampler's TURBO_HUB_REPO and TURBO_UNET_FILES["default"] (what the authors' app.py
+# loads); named here too so that importing this module imports no torch (a test keeps them equal).
+_TURBO = "wangfuyun/AnimateLCM-SVD-xt"
+_TURBO_UNET = "AnimateLCM-SVD-xt-1.1.safetensors"
 
 HUB_SOURCES: dict[str, HubSource] = {
     "svd": HubSource(_SVD, None),
@@ -74,6 +87,7 @@ HUB_SOURCES: dict[str, HubSource] = {
     "svd_xt": HubSource(_SVD_XT, None),
     "svd_xt_image_decoder": HubSource(_SVD_XT, "svd_xt_image_decoder.safetensors"),
     "svd_xt_1_1": HubSource(_SVD_XT_1_1, None),
+    "svd_xt_turbo": HubSource(_SVD_XT, None, unet_repo_id=_TURBO, unet_file=_TURBO_UNET),
 }
 
 # Revision downloaded when the caller names none. The commit hashes of the upstream repos cannot be looked up
@@ -83,6 +97,7 @@ PINNED_REVISIONS: dict[str, str] = {
     _SVD: "main",
     _SVD_XT: "main",
     _SVD_XT_1_1: "main",
+    _TURBO: "main",
 }
 
 # Files the pipeline needs, by path in the repo. Everything else in the repo (fp32 weights, the original
@@ -123,11 +138,12 @@ def hub_allow_patterns(variant: str) -> list[str]:
         "feature_extractor/*",
         "scheduler/*",
         "unet/config.json",
-        _WEIGHTS["unet"]["fp16"],
         "vae/config.json",
         "image_encoder/config.json",
         _WEIGHTS["image_encoder"]["fp16"],
     ]
+    if source.unet_file is None:  # else the UNet's weights come from source.unet_repo_id
+        patterns.append(_WEIGHTS["unet"]["fp16"])
     if source.image_decoder_file is None:
         # The image-decoder variants replace the temporal VAE, so its weights are not fetched (only its
         # config, which gives sample_size / scaling_factor for the converted VAE).
@@ -151,12 +167,14 @@ class MissingFilesError(FileNotFoundError):
         self.root = Path(root)
         self.variant = variant
         self.missing = list(missing)
-        repo = HUB_SOURCES[variant].repo_id
+        source = HUB_SOURCES[variant]
+        unet = (f", and {source.unet_file} of https://huggingface.co/{source.unet_repo_id} there or"
+                " named by --unet-from" if source.unet_file else "")
         super().__init__(
             f"{root} lacks {len(missing)} file(s) needed for variant {variant!r}:\n  - "
             + "\n  - ".join(missing)
-            + f"\nExpected the file layout of https://huggingface.co/{repo} (for a git clone, run"
-            " `git lfs pull` so the weights are real files, not LFS pointers)."
+            + f"\nExpected the file layout of https://huggingface.co/{source.repo_id}{unet} (for a git"
+            " clone, run `git lfs pull` so the weights are real files, not LFS pointers)."
         )
 
 
@@ -184,7 +202,11 @@ def download_variant(
     never the fp32 weights or the original single-file checkpoints, except the one
     `*_image_decoder.safetensors` an image-decoder variant converts its VAE from.
 
-    `revision`: branch, tag or commit; default `PINNED_REVISIONS[repo]`. `token`: None lets huggingface_hub
+    For the turbo variant, SVD-XT's files (less its UNet weights) and the UNet file of AnimateLCM-SVD-xt's
+    repo as its authors publish it (fp32), cast to fp16 (`convert_unet_state_dict`).
+
+    `revision`: branch, tag or commit; default `PINNED_REVISIONS[repo]` (for the turbo variant, of the UNet's
+    repo; SVD-XT's is fetched at its pinned revision). `token`: None lets huggingface_hub
     use `HF_TOKEN` or the saved login. `endpoint`: None lets huggingface_hub use `HF_ENDPOINT` (else
     https://huggingface.co). `cache_dir`: the huggingface_hub cache to download into; None means its default
     (`HF_HUB_CACHE`, under `HF_HOME`).
@@ -202,7 +224,8 @@ def download_variant(
 
     Returns `{"variant", "repo_id", "revision" (the commit downloaded), "source": "hub", "decoder":
     "temporal" | "image", "weights": {"unet" | "vae" | "image_encoder": "fp16" | "fp32"}, "dtype":
-    "float16" | "float32" | "mixed", "files": {path under dest (posix): sha256 hex}}`.
+    "float16" | "float32" | "mixed", "files": {path under dest (posix): sha256 hex}}`, and for the turbo
+    variant `"unet": {"repo_id", "revision", "file", "sha256"}`: where its UNet came from.
 
     Raises `DownloadError` (licence not accepted / no or bad token, unknown repo or revision, hub not
     reachable, transfer failed) with a message saying what to do, `ConversionError` if the image-decoder
@@ -212,8 +235,10 @@ def download_variant(
 
     source = _source(variant)
     repo_id = source.repo_id
-    rev = revision or PINNED_REVISIONS[repo_id]
+    # With the UNet from another repo, `revision` is that repo's (the variant's own weights).
+    rev = PINNED_REVISIONS[repo_id] if source.unet_repo_id else revision or PINNED_REVISIONS[repo_id]
     where = dict(repo_id=repo_id, revision=rev, endpoint=endpoint, cache_dir=cache_dir)
+    unet_file = unet_commit = None
     try:
         snapshot = Path(
             snapshot_download(
@@ -239,6 +264,12 @@ def download_variant(
                     endpoint=endpoint,
                 )
             )
+        if source.unet_file is not None:
+            where.update(repo_id=source.unet_repo_id,
+                         revision=revision or PINNED_REVISIONS[source.unet_repo_id])
+            unet_file = Path(hf_hub_download(source.unet_repo_id, source.unet_file, revision=where["revision"],
+                                             cache_dir=cache_dir, token=token, endpoint=endpoint))
+            unet_commit = unet_file.parent.name if _COMMIT_RE.match(unet_file.parent.name) else None
     except Exception as error:
         converted = _download_error(error, **where)
         if converted is None:
@@ -246,7 +277,7 @@ def download_variant(
         raise converted from error
 
     try:
-        plan = _plan(snapshot, variant, allow_fp32=False, single_file=single_file)
+        plan = _plan(snapshot, variant, allow_fp32=False, single_file=single_file, unet_file=unet_file)
     except MissingFilesError as error:
         raise DownloadError(
             f"{repo_id} at revision {rev!r} (commit {commit}) does not have the files BentoSVD needs:\n  - "
@@ -254,17 +285,19 @@ def download_variant(
             + "\nPick another revision, or use --from-dir with a local copy."
         ) from error
     files = _assemble(variant, snapshot, dest, plan)
-    return _metadata(variant, commit, "hub", plan, files)
+    return _metadata(variant, commit, "hub", plan, files, unet_commit)
 
 
-def copy_from_dir(variant: str, src: Path, dest: Path) -> dict:
+def copy_from_dir(variant: str, src: Path, dest: Path, unet_from: Path | None = None) -> dict:
     """Lay out `variant` under `dest` from `src`, a local directory with the repo's file layout.
 
     `src` may hold the fp16 files (`*.fp16.safetensors`) or the full-precision ones
     (`diffusion_pytorch_model.safetensors`, `model.safetensors`); fp16 is used where both are there and
     the choice is recorded per component in `"weights"`. For an image-decoder variant, `src` must also
     hold the single-file checkpoint (e.g. `svd_xt_image_decoder.safetensors`); its VAE is converted the
-    same way as after a download (fp16 when the unet is fp16, else fp32).
+    same way as after a download (fp16 when the unet is fp16, else fp32). For the turbo variant, `src` is a
+    copy of SVD-XT's repo and `unet_from` AnimateLCM-SVD-xt's UNet file, or a copy of its repo (default:
+    `src`); the UNet is stored in the VAE's precision.
 
     Returns the same dict as `download_variant`, with `"source": "dir"` and `"revision"` the commit of the
     git checkout in `src` if it is one (else None). Raises `MissingFilesError` (a FileNotFoundError) listing
@@ -275,9 +308,13 @@ def copy_from_dir(variant: str, src: Path, dest: Path) -> dict:
     if not src.is_dir():
         raise FileNotFoundError(f"--from-dir: {src} is not a directory")
     single_file = src / source.image_decoder_file if source.image_decoder_file else None
-    plan = _plan(src, variant, allow_fp32=True, single_file=single_file)
+    unet_file = None
+    if source.unet_file is not None:
+        unet_from = Path(unet_from or src)
+        unet_file = unet_from / source.unet_file if unet_from.is_dir() else unet_from
+    plan = _plan(src, variant, allow_fp32=True, single_file=single_file, unet_file=unet_file)
     files = _assemble(variant, src, dest, plan)
-    return _metadata(variant, _git_head(src), "dir", plan, files)
+    return _metadata(variant, _git_head(src), "dir", plan, files, unet_file and _git_head(unet_file.parent))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -290,11 +327,14 @@ class _Plan:
     files: tuple[str, ...]  # paths in the repo to place (configs, extra folder files, weights)
     weights: dict[str, str]  # component -> "fp16" | "fp32"
     single_file: Path | None  # image-decoder checkpoint to convert the VAE from
+    unet_file: Path | None = None  # the UNet's state dict, from another repo (HubSource.unet_file)
 
 
-def _plan(root: Path, variant: str, *, allow_fp32: bool, single_file: Path | None) -> _Plan:
+def _plan(root: Path, variant: str, *, allow_fp32: bool, single_file: Path | None,
+          unet_file: Path | None = None) -> _Plan:
     """Decide which files of `root` to place; raise MissingFilesError listing everything missing."""
     image_decoder = HUB_SOURCES[variant].image_decoder_file is not None
+    other_unet = HUB_SOURCES[variant].unet_file is not None
     missing: list[str] = []
     files: list[str] = []
     for rel in _CONFIG_FILES:
@@ -312,7 +352,7 @@ def _plan(root: Path, variant: str, *, allow_fp32: bool, single_file: Path | Non
 
     weights: dict[str, str] = {}
     for component, candidates in _WEIGHTS.items():
-        if component == "vae" and image_decoder:
+        if (component == "vae" and image_decoder) or (component == "unet" and other_unet):
             continue
         precisions = ("fp16", "fp32") if allow_fp32 else ("fp16",)
         problems = []
@@ -335,9 +375,17 @@ def _plan(root: Path, variant: str, *, allow_fp32: bool, single_file: Path | Non
                 missing.append(f"{single_file.name} ({problem})")
         weights["vae"] = "fp32" if weights.get("unet") == "fp32" else "fp16"
 
+    if other_unet:
+        name = HUB_SOURCES[variant].unet_file
+        problem = "missing" if unet_file is None else _weights_problem(unet_file)
+        if problem is not None:
+            missing.append(f"{unet_file or name} ({problem})")
+        weights["unet"] = weights.get("vae", "fp16")  # stored in the precision of the rest
+
     if missing:
         raise MissingFilesError(root, variant, missing)
-    return _Plan(files=tuple(files), weights=weights, single_file=single_file if image_decoder else None)
+    return _Plan(files=tuple(files), weights=weights, single_file=single_file if image_decoder else None,
+                 unet_file=unet_file if other_unet else None)
 
 
 def _assemble(variant: str, root: Path, dest: Path, plan: _Plan) -> dict[str, str]:
@@ -365,6 +413,11 @@ def _assemble(variant: str, root: Path, dest: Path, plan: _Plan) -> dict[str, st
                 base_config=temporal_config,
                 fp16=plan.weights["vae"] == "fp16",
             )
+        if plan.unet_file is not None:
+            config = json.loads((root / "unet" / "config.json").read_text())
+            convert_unet_state_dict(plan.unet_file, config, staging / "pipeline" / "unet",
+                                    fp16=plan.weights["unet"] == "fp16")
+        _write_scheduler(variant, staging / "pipeline" / "scheduler")
         files = {
             path.relative_to(staging).as_posix(): sha256_file(path)
             for path in sorted(staging.rglob("*"))
@@ -427,6 +480,57 @@ def convert_image_decoder_vae(single_file: Path, out_dir: Path, *, base_config: 
     if bad or info.get("error_msgs"):
         raise ConversionError(f"the converted VAE of {single_file.name} does not re-load cleanly: {info}")
     return config
+
+
+def convert_unet_state_dict(state_file: Path, config: dict, out_dir: Path, *, fp16: bool = True) -> None:
+    """Place a whole `UNetSpatioTemporalConditionModel` state dict in diffusers' key names (AnimateLCM-SVD-xt's
+    file, fp32) as `out_dir/diffusion_pytorch_model[.fp16].safetensors`, cast to fp16 when `fp16`.
+
+    Checked as its authors load it (`load_state_dict(strict=True)` into the UNet of `config`, SVD-XT's
+    unet/config.json), from the file's header before a tensor is read: every key of that UNet, no other, each
+    of its shape. Tensors are read and cast one at a time; the cast copy (3 GB for the real file in fp16) is
+    held until written.
+    """
+    import torch
+    from diffusers import UNetSpatioTemporalConditionModel
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    state_file = Path(state_file)
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in UNetSpatioTemporalConditionModel.from_config(config).state_dict().items()}
+    dtype = torch.float16 if fp16 else torch.float32
+    with safe_open(str(state_file), framework="pt") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        problems = {
+            "missing": sorted(expected.keys() - shapes.keys()),
+            "unexpected": sorted(shapes.keys() - expected.keys()),
+            "of another shape": [f"{k} {list(shapes[k])} (not {list(expected[k])})"
+                                 for k in sorted(expected.keys() & shapes.keys()) if shapes[k] != expected[k]],
+        }
+        if any(problems.values()):
+            raise ConversionError(f"{state_file.name} is not a state dict of SVD-XT's UNet: " + "; ".join(
+                f"{len(keys)} keys {kind} (e.g. {', '.join(keys[:2])})" for kind, keys in problems.items() if keys))
+        state = {k: f.get_tensor(k).to(dtype).contiguous() for k in expected}
+    name = "diffusion_pytorch_model.fp16.safetensors" if fp16 else "diffusion_pytorch_model.safetensors"
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(out_dir / name), metadata={"format": "pt"})
+
+
+def _write_scheduler(variant: str, folder: Path) -> None:
+    """A variant whose sampler is not SVD's Euler (the turbo's) gets its own scheduler config in place of the
+    repo's: the loader builds the class its `_class_name` names."""
+    from bentosvd.config import VARIANTS
+
+    sampler = VARIANTS[variant].sampler
+    if sampler != "euler":
+        from bentosvd.weights.random_weights import new_scheduler
+
+        # Unlinked, not written over: they are hard links into the download cache or --from-dir.
+        for stale in Path(folder).glob("*"):
+            stale.unlink()
+        new_scheduler(sampler).save_pretrained(folder)
 
 
 def _autoencoder_kl_config(sd: dict, base: dict, name: str) -> dict:
@@ -522,8 +626,13 @@ def _weights_problem(path: Path) -> str | None:
     return None
 
 
-def _metadata(variant: str, revision: str | None, origin: str, plan: _Plan, files: dict[str, str]) -> dict:
+def _metadata(variant: str, revision: str | None, origin: str, plan: _Plan, files: dict[str, str],
+              unet_revision: str | None = None) -> dict:
     source = HUB_SOURCES[variant]
+    unet = {}
+    if plan.unet_file is not None:
+        unet = {"unet": {"repo_id": source.unet_repo_id, "revision": unet_revision, "file": plan.unet_file.name,
+                         "sha256": sha256_file(plan.unet_file)}}
     return {
         "variant": variant,
         "repo_id": source.repo_id,
@@ -533,6 +642,7 @@ def _metadata(variant: str, revision: str | None, origin: str, plan: _Plan, file
         "weights": dict(plan.weights),
         "dtype": _dtype(plan.weights),
         "files": files,
+        **unet,
     }
 
 

@@ -2,8 +2,13 @@
 
     MODEL_VERSION=svd_xt python import_model.py           # from the Hugging Face hub (HF_TOKEN)
     python import_model.py --variant svd --from-dir DIR   # from a local copy of the repo
+    python import_model.py --variant svd_xt_turbo         # AnimateLCM-SVD-xt's UNet + SVD-XT's VAE, encoder
     python import_model.py --variant demo                 # tiny random weights, no download
     python import_model.py --variant svd_xt --synthetic   # full size, random weights (benchmarks)
+    python import_model.py --rife-file flownet.pkl        # RIFE 4.5-4.9 for frame interpolation
+    python import_model.py --rife-hub REPO FILE           # the same, a file from a hub repo
+
+The demo (and --synthetic) also register a RIFE with random weights (--no-rife: not).
 
 Re-running is safe: a model with the same files is not registered twice.
 """
@@ -39,13 +44,13 @@ def stage_random(variant_name: str, dest: Path, synthetic: bool) -> dict:
     from bentosvd.svd.loading import save_parts
     from bentosvd.weights.random_weights import build_demo, build_synthetic
 
-    frames = VARIANTS[variant_name].num_frames
+    frames, sampler = VARIANTS[variant_name].num_frames, VARIANTS[variant_name].sampler
     if synthetic:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        parts = build_synthetic(frames, device=device, dtype=torch.float16)
+        parts = build_synthetic(frames, device=device, dtype=torch.float16, sampler=sampler)
         source, dtype = "synthetic", "float16"
     else:
-        parts = build_demo(frames)
+        parts = build_demo(frames, sampler=sampler)
         source, dtype = DEMO_BUILD, "float32"
     save_parts(parts, dest / "pipeline", dest / "image_encoder", fp16_files=synthetic)
     return {"source": source, "revision": source, "dtype": dtype}
@@ -55,12 +60,20 @@ def stage_real(variant_name: str, dest: Path, args: argparse.Namespace) -> dict:
     from bentosvd.weights import hub
 
     if args.from_dir:
-        info = hub.copy_from_dir(variant_name, Path(args.from_dir), dest)
+        info = hub.copy_from_dir(variant_name, Path(args.from_dir), dest, args.unet_from)
         source = f"dir:{Path(args.from_dir).resolve()}"
     else:
         info = hub.download_variant(variant_name, dest, revision=args.revision, token=args.token)
         source = f"hf:{info['repo_id']}"
-    return {"source": source, "revision": info["revision"] or "unknown", "dtype": info["dtype"]}
+    staged = {"source": source, "revision": info["revision"] or "unknown", "dtype": info["dtype"]}
+    if "unet" in info:  # the turbo's UNet, from its authors' repo: labelled on the variant only
+        unet = info["unet"]
+        origin = (f"dir:{Path(args.unet_from or args.from_dir).resolve()}" if args.from_dir
+                  else f"hf:{unet['repo_id']}")
+        staged["variant_labels"] = {"unet_source": origin, "unet_file": unet["file"],
+                                    "unet_revision": unet["revision"] or "unknown",
+                                    "unet_sha256": unet["sha256"]}
+    return staged
 
 
 DEBUG_ENV = "BENTOSVD_DEBUG"  # set (or --debug): a failure shows its traceback too
@@ -83,10 +96,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def explain(error: Exception) -> str | None:
     """The one paragraph for a failure the user can act on; None for a bug."""
-    from bentosvd.weights.hub import DownloadError
+    from bentosvd.weights.hub import ConversionError, DownloadError, MissingFilesError
     from bentosvd.weights.store import MissingModel
 
-    if isinstance(error, (DownloadError, MissingModel)):
+    if isinstance(error, (DownloadError, MissingModel, MissingFilesError, ConversionError)):
         return str(error)
     if isinstance(error, ValidationError):  # a setting such as MODEL_VERSION out of range
         return f"a setting is invalid: {error}"
@@ -104,6 +117,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="variant to register (default: $MODEL_VERSION, else svd)")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--from-dir", metavar="DIR", help="a local copy of the variant's repo")
+    parser.add_argument("--unet-from", metavar="PATH", help="svd_xt_turbo with --from-dir (a copy of "
+                        "SVD-XT's repo): AnimateLCM-SVD-xt's UNet file or a copy of its repo "
+                        "(default: in --from-dir)")
     source.add_argument("--synthetic", action="store_true",
                         help="full-size architecture with random weights (for benchmarks)")
     parser.add_argument("--revision", default=None, help="hub revision (default: the pinned one)")
@@ -111,6 +127,14 @@ def _parser() -> argparse.ArgumentParser:
                         help="Hugging Face token (default: $HF_TOKEN)")
     parser.add_argument("--if-missing", action="store_true",
                         help="do nothing if the variant is already registered (make serve)")
+    rife = parser.add_argument_group("RIFE, for frame interpolation (registers only it)")
+    rife_source = rife.add_mutually_exclusive_group()
+    rife_source.add_argument("--rife-file", metavar="PATH",
+                             help="RIFE 4.5-4.9 IFNet weights (the authors' flownet.pkl)")
+    rife_source.add_argument("--rife-hub", nargs=2, metavar=("REPO", "FILE"),
+                             help="the same, FILE of the hub repo REPO (--revision, --token apply)")
+    rife.add_argument("--no-rife", action="store_true",
+                      help="with the demo or --synthetic: do not register a random RIFE")
     parser.add_argument("--debug", action="store_true",
                         help=f"on a failure, show the traceback too (also: {DEBUG_ENV}=1)")
     return parser
@@ -119,7 +143,16 @@ def _parser() -> argparse.ArgumentParser:
 def _import(args: argparse.Namespace) -> int:
     from bentosvd.weights.store import MissingModel, find_models, register_variant
 
+    from bentosvd.weights import rife_models
+
+    if args.rife_file:
+        rife_models.register_file(Path(args.rife_file), source=f"file:{Path(args.rife_file).resolve()}")
+        return 0
+    if args.rife_hub:
+        rife_models.register_from_hub(*args.rife_hub, revision=args.revision, token=args.token)
+        return 0
     variant = VARIANTS[args.variant or Settings().model_version]
+    random_rife = None if args.no_rife else "full" if args.synthetic else "demo" if variant.demo else None
     if args.if_missing and not args.synthetic:
         try:
             variant_tag, encoder_tag = find_models(Settings(model_version=variant.name))
@@ -127,18 +160,24 @@ def _import(args: argparse.Namespace) -> int:
             pass
         else:
             print(f"{variant_tag} (with {encoder_tag}) is registered already")
+            if random_rife and rife_models.find(rife_models.STORE_NAME) is None:
+                rife_models.register_random(random_rife)
             return 0
-    if variant.name == "demo" and (args.from_dir or args.synthetic):
+    if variant.demo and (args.from_dir or args.synthetic):
         _parser().error("the demo variant is built in code: drop --from-dir / --synthetic")
+    if args.unet_from and (variant.demo or variant.sampler == "euler" or not args.from_dir):
+        _parser().error("--unet-from goes with --from-dir, for svd_xt_turbo")
     with tempfile.TemporaryDirectory(prefix="bentosvd-import-") as tmp:
         staged = Path(tmp)
-        if variant.name == "demo" or args.synthetic:
+        if variant.demo or args.synthetic:
             info = stage_random(variant.name, staged, args.synthetic)
         else:
             info = stage_real(variant.name, staged, args)
         variant_tag, encoder_tag = register_variant(
             variant, staged, sha256_tree(staged), synthetic=args.synthetic, **info
         )
+    if random_rife:
+        rife_models.register_random(random_rife)
     serve_env = f"MODEL_TAG={variant_tag} " if args.synthetic else ""
     print(f"\n{variant_tag} uses {encoder_tag}. Serve it with:\n"
           f"  {serve_env}MODEL_VERSION={variant.name} bentoml serve service:svc")

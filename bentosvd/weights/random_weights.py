@@ -3,7 +3,8 @@
 `demo` is tiny so the whole service runs on two CPU cores in seconds (its videos are
 noise). `synthetic` is the full-size architecture (SVD's UNet, temporal VAE and the ViT-H/14
 CLIP image encoder, 2.2 B parameters) for measuring speed and memory on a GPU.
-Both return the five parts a `StableVideoDiffusionPipeline` takes.
+Both return the five parts a `StableVideoDiffusionPipeline` takes, with the scheduler of
+the variant's sampler (SVD's Euler, or the turbo variants' AnimateLCM sampler).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 
+from bentosvd.svd.turbo_sampler import TURBO_SCHEDULER_CONFIG, AnimateLCMSVDScheduler
+
 # SVD's scheduler, as shipped in the Stability repos' scheduler_config.json.
 SCHEDULER_CONFIG = dict(
     beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", prediction_type="v_prediction",
@@ -35,7 +38,14 @@ FEATURE_EXTRACTOR_CONFIG = dict(
 )
 
 
-def build_demo(num_frames: int, seed: int = 0) -> dict:
+def new_scheduler(sampler: str = "euler") -> EulerDiscreteScheduler | AnimateLCMSVDScheduler:
+    """The scheduler of a variant's `sampler` (`Variant.sampler`), as its authors configure it."""
+    if sampler == "animatelcm":
+        return AnimateLCMSVDScheduler(**TURBO_SCHEDULER_CONFIG)
+    return EulerDiscreteScheduler(**SCHEDULER_CONFIG)
+
+
+def build_demo(num_frames: int, seed: int = 0, sampler: str = "euler") -> dict:
     """Tiny SVD parts (about 2 M parameters). Heads are kept wide (32 channels each) because
     torch's CPU attention is very slow with tiny head sizes."""
     # Random init draws from the global generator: fix it so a rebuild gives the same model.
@@ -56,11 +66,12 @@ def build_demo(num_frames: int, seed: int = 0) -> dict:
             hidden_size=32, intermediate_size=64, projection_dim=32, num_hidden_layers=2,
             num_attention_heads=1, image_size=224, patch_size=32, hidden_act="gelu",
         ))
-    return _with_processors(unet=unet, vae=vae, image_encoder=image_encoder)
+    return _with_processors(sampler, unet=unet, vae=vae, image_encoder=image_encoder)
 
 
 def build_synthetic(num_frames: int, device: str | torch.device = "cuda",
-                    dtype: torch.dtype = torch.float16, seed: int = 0) -> dict:
+                    dtype: torch.dtype = torch.float16, seed: int = 0,
+                    sampler: str = "euler") -> dict:
     """Full-size SVD parts with random weights, built directly on `device`."""
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
@@ -76,14 +87,14 @@ def build_synthetic(num_frames: int, device: str | torch.device = "cuda",
     # Move every module: a buffer in the UNet's time mixer is created on the CPU otherwise.
     parts = dict(unet=unet, vae=vae, image_encoder=image_encoder)
     parts = {k: m.to(device, dtype).eval() for k, m in parts.items()}
-    return _with_processors(**parts)
+    return _with_processors(sampler, **parts)
 
 
-def _with_processors(**models) -> dict:
+def _with_processors(sampler: str, **models) -> dict:
     for m in models.values():
         m.eval().requires_grad_(False)
     return dict(
         **models,
-        scheduler=EulerDiscreteScheduler(**SCHEDULER_CONFIG),
+        scheduler=new_scheduler(sampler),
         feature_extractor=CLIPImageProcessorPil(**FEATURE_EXTRACTOR_CONFIG),
     )

@@ -75,10 +75,12 @@ def _register(name: str, folder: Path, subdir: str, files: dict[str, str],
 
 
 def register_variant(variant: Variant, staged: Path, files: dict[str, str], *, source: str,
-                     revision: str, dtype: str, synthetic: bool = False) -> tuple[str, str]:
+                     revision: str, dtype: str, synthetic: bool = False,
+                     variant_labels: dict[str, str] | None = None) -> tuple[str, str]:
     """Register `staged/pipeline` as the variant and `staged/image_encoder` as its encoder.
 
-    `files` maps paths relative to `staged` to sha256 digests. Returns both tags.
+    `files` maps paths relative to `staged` to sha256 digests; `variant_labels` label the
+    variant only (where the turbo's UNet came from). Returns both tags.
     """
     suffix = SYNTHETIC_SUFFIX if synthetic else ""
     common = {"source": source, "revision": revision, "dtype": dtype}
@@ -89,7 +91,7 @@ def register_variant(variant: Variant, staged: Path, files: dict[str, str], *, s
     variant_tag = _register(
         variant.store_name + suffix, staged / "pipeline", "pipeline",
         {k: v for k, v in files.items() if k.startswith("pipeline/")},
-        {**common, "variant": variant.name, "image_encoder": encoder_tag},
+        {**common, **(variant_labels or {}), "variant": variant.name, "image_encoder": encoder_tag},
         {"description": variant.description, "num_frames": variant.num_frames},
     )
     return variant_tag, encoder_tag

@@ -32,6 +32,7 @@ from bentosvd.protocol import (
     OutputSpec,
     frame,
 )
+from bentosvd.weights import rife_models
 from bentosvd.weights.store import find_models
 
 # While the worker encodes one video (FFmpeg threads) it already generates the next. On a CPU
@@ -64,6 +65,7 @@ if settings.low_memory:
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 variant = settings.variant
 variant_model, image_encoder_model = find_models(settings)
+_rife = rife_models.find(settings.rife_model)  # frame interpolation, when one is registered
 
 class GenerationWorker:
     """Holds the SVD pipeline on one device and runs one generation at a time.
@@ -73,6 +75,8 @@ class GenerationWorker:
     index = 0  # which worker service this is (one per GPU); set by `worker_service`
     variant_model = bentoml.models.BentoModel(variant_model)
     image_encoder_model = bentoml.models.BentoModel(image_encoder_model)
+    if _rife is not None:  # declared so that `bentoml build` puts it in the Bento
+        rife_model = bentoml.models.BentoModel(str(_rife.tag))
 
     def __init__(self) -> None:
         # Here, not at the top: only the worker process needs torch and diffusers.
@@ -86,8 +90,9 @@ class GenerationWorker:
             settings, variant, str(self.variant_model.tag),
             Path(self.variant_model.path) / "pipeline",
             Path(self.image_encoder_model.path) / "image_encoder",
-            index=self.index, busy_gauge=in_flight)
-        if variant.name == "demo":
+            index=self.index, busy_gauge=in_flight,
+            rife=(str(self.rife_model.tag), self.rife_model.path) if _rife is not None else None)
+        if variant.demo:
             logger.warning(DEMO_WARNING)
         self.cancels: dict[str, threading.Event] = {}  # request id -> set it to stop
 
@@ -101,6 +106,7 @@ class GenerationWorker:
         events: asyncio.Queue[str] = asyncio.Queue()
         # Encodes the frames as they are decoded, in a thread of its own.
         encoder = self.engine.encoder(job, image, output)
+        interpolation = self.engine.interpolation(job, output)
         caller_gone = self.cancels[request_id] = threading.Event()
 
         def report(event) -> None:  # from the generation's thread
@@ -108,7 +114,7 @@ class GenerationWorker:
 
         work = asyncio.ensure_future(asyncio.to_thread(
             self.engine.run, image, job, deadline, caller_gone, report, encoder.add,
-            request_id=request_id))
+            request_id=request_id, interpolation=interpolation))
         try:
             while not (work.done() and events.empty()):
                 getter = asyncio.ensure_future(events.get())
@@ -158,7 +164,7 @@ class GenerationWorker:
     async def health(self) -> dict:
         """Faults in a row; the API's /livez fails past the limit so the pod is restarted."""
         return {"faults_in_a_row": self.engine.faults_in_a_row, "alive": self.engine.alive,
-                **self.engine.description}
+                "shapes": dict(self.engine.shapes), **self.engine.description}
 
 
 def worker_service(index: int):

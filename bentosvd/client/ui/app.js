@@ -116,6 +116,7 @@ const LABELS = {
   format: "Format",
   num_frames: "Frames",
   interpolate_fps: "Smooth to (fps)",
+  interpolation: "Smoothing method",
   fps_id: "Frame rate",
   cond_aug: "Noise on the image",
   decoding_t: "Frames decoded at a time",
@@ -127,7 +128,8 @@ const LABELS = {
   orientation: "Orientation",
 };
 // Always in view: how much it moves, which video, how long and how smooth.
-const ESSENTIALS = ["motion_bucket_id", "seed", "format", "num_frames", "interpolate_fps"];
+const ESSENTIALS = ["motion_bucket_id", "seed", "format", "num_frames", "interpolate_fps",
+                    "interpolation"];
 
 function buildParams(params) {
   for (const [name, raw] of Object.entries(params)) {
@@ -181,6 +183,13 @@ function buildParams(params) {
     $(ESSENTIALS.includes(name) ? "essentials" : "advanced-params").append(row);
   }
   $("param-sizing")?.addEventListener("change", drawPreview);
+  // The smoothing method means something only with a frame rate to smooth to.
+  const target = $("param-interpolate_fps"), method = $("param-interpolation");
+  if (target && method) {
+    const sync = () => { method.disabled = target.value === ""; };
+    target.addEventListener("input", sync);
+    sync();
+  }
 }
 
 function paramInputs() {
@@ -392,7 +401,8 @@ async function showResult(state) {
 
   $("download").href = videoUrl;
   $("download").download = `${job.stem}-${info.model}-seed${seed}.${format}`;
-  $("seed").textContent = `Seed used: ${seed}`;
+  const smoothed = response.headers.get("X-Interpolation"); // e.g. "rife 7->14 fps"
+  $("seed").textContent = `Seed used: ${seed}` + (smoothed ? `, smoothed: ${smoothed}` : "");
   $("seed").dataset.seed = seed;
   if ($("randomize")?.checked) $("param-seed").value = seed; // untick "randomize" to reuse it
   $("result").hidden = false;
@@ -429,6 +439,7 @@ function applyParams(params) {
     if (input.type === "checkbox") input.checked = Boolean(params[input.name]);
     else input.value = params[input.name] ?? "";
   }
+  $("param-interpolate_fps")?.dispatchEvent(new Event("input"));
   if ("seed" in params && $("randomize")) {
     $("randomize").checked = false;
     $("randomize").dispatchEvent(new Event("change"));
