@@ -137,12 +137,15 @@ def main() -> None:
             assert status == 200, status
             r["first_video_s"] = time.perf_counter() - started  # from `bentoml serve`
             r["first_request_s"] = seconds
+            save()  # a run cut short keeps what it has
             if start_kind == "fresh":
                 during = []
                 while set(shapes(url).values()) != {"compiled"}:
                     if time.perf_counter() - started > args.limit:
                         break
                     if "during" in args.skip:
+                        r["compiled_at_s"] = None
+                        save()
                         time.sleep(1)
                         continue
                     seconds, status, _, _ = post_image(url, landscape, params)
