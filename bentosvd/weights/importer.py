@@ -97,9 +97,11 @@ def main(argv: list[str] | None = None) -> int:
 def explain(error: Exception) -> str | None:
     """The one paragraph for a failure the user can act on; None for a bug."""
     from bentosvd.weights.hub import ConversionError, DownloadError, MissingFilesError
+    from bentosvd.weights.rife_models import BadRifeWeights
     from bentosvd.weights.store import MissingModel
 
-    if isinstance(error, (DownloadError, MissingModel, MissingFilesError, ConversionError)):
+    if isinstance(error, (DownloadError, MissingModel, MissingFilesError, ConversionError,
+                          BadRifeWeights)):
         return str(error)
     if isinstance(error, ValidationError):  # a setting such as MODEL_VERSION out of range
         return f"a setting is invalid: {error}"

@@ -15,6 +15,10 @@ from pathlib import Path
 import bentoml
 from bentoml.exceptions import NotFound
 
+class BadRifeWeights(ValueError):
+    """The file is not RIFE 4.5-4.9 IFNet weights; the message says what is wrong."""
+
+
 STORE_NAME = "rife"
 WEIGHTS_FILE = "flownet.pkl"
 RANDOM_BUILD = "random-v1"  # bump when bentosvd.rife.ifnet.build_random changes
@@ -26,7 +30,12 @@ def register_file(path: Path, *, source: str, revision: str = "") -> str:
     from bentosvd.rife.ifnet import load_ifnet
     from bentosvd.weights.hub import sha256_file
 
-    model = load_ifnet(path)
+    try:
+        model = load_ifnet(path)
+    except (ValueError, OSError, RuntimeError) as e:  # not weights, or not RIFE's
+        raise BadRifeWeights(f"{path} cannot be registered as RIFE: {e}. Give the authors' "
+                             "flownet.pkl of RIFE 4.5-4.9 (Practical-RIFE's train_log/), or "
+                             "ComfyUI's rife47.pth / rife49.pth.") from e
     digest = sha256_file(path)
     labels = {"version": model.version, "source": source, "revision": revision or "none",
               "sha256": digest}
@@ -101,4 +110,4 @@ def _registered() -> list[bentoml.Model]:
         return []
 
 
-__all__ = ["STORE_NAME", "find", "load", "register_file", "register_from_hub", "register_random"]
+__all__ = ["BadRifeWeights", "STORE_NAME", "find", "load", "register_file", "register_from_hub", "register_random"]
