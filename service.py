@@ -10,6 +10,8 @@ streams its progress back over the typed protocol of `bentosvd/protocol.py`.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 from typing import Annotated
 
@@ -26,6 +28,14 @@ from bentosvd.api.webhooks import WebhookSpec
 from bentosvd.config import Params
 from bentosvd.errors import ServiceError, error_response
 from bentosvd.worker.service import WORKERS, settings
+
+
+# BentoML keeps its tasks' results (image_to_video below) in BENTOML_HOME/task_result.db and
+# deletes that file at every start, so two servers on one model store (replicas sharing a
+# volume) would delete each other's. Each server gets its own file, on local disk; its
+# processes inherit the path. Tasks do not outlive their server either way (docs/api.md).
+os.environ.setdefault("BENTOML_RESULT_STORE",
+                      str(Path(tempfile.gettempdir()) / f"bentosvd-tasks-{os.getpid()}.db"))
 
 
 class SVD:

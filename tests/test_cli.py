@@ -283,7 +283,8 @@ def test_params_come_from_the_flags_and_param_values_are_read_as_json():
                                       "--param", "motion_bucket_id=9", "--param", "seed=4"])
     assert params_from(args) == {"seed": 4, "cond_aug": 0.5, "motion_bucket_id": 9}
     samples = {"format": ("webm", "webm"), "sizing": ("pad", "pad"),
-               "orientation": ("portrait", "portrait"), "boomerang": ("true", True)}
+               "orientation": ("portrait", "portrait"), "boomerang": ("true", True),
+               "interpolation": ("rife", "rife")}
     for name in Params.model_fields:  # every field has its flag
         text, value = samples.get(name, ("1", 1))
         args = build_parser().parse_args(["generate", "cat.png", f"--{name.replace('_', '-')}", text])

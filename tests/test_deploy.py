@@ -82,10 +82,11 @@ def test_bento_has_code_models_and_pinned_requirements(bento):
             if (ROOT / f"{name}.py").exists() or (ROOT / name).is_dir():
                 assert (src / f"{name}.py").exists() or (src / name).is_dir(), f"{module.name} imports {name}"
 
-    # The models: the variant served and the image encoder it was registered with, exact versions.
+    # The models: the variant served, the image encoder it was registered with and the RIFE
+    # model (the demo registers one), exact versions.
     worker = next(s for s in bento.info["services"] if s["name"] == "GenerationWorker")
     expected = {f"{name}:{(bento.home / 'models' / name / 'latest').read_text().strip()}"
-                for name in (DEMO.store_name, DEMO.image_encoder_name)}
+                for name in (DEMO.store_name, DEMO.image_encoder_name, "rife")}
     assert {m["tag"] for m in worker["models"]} == expected
 
     requirements = (bento.path / "env/python/requirements.txt").read_text().splitlines()
