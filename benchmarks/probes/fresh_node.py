@@ -93,6 +93,9 @@ def main() -> None:
     parser.add_argument("--variant", default="svd_xt", help="svd_xt, or svd_xt_turbo at its own defaults")
     parser.add_argument("--skip", nargs="*", default=[], choices=["restart", "interpolation", "rife", "during"],
                         help="leave out: the restart, interpolation, RIFE alone, requests while compiling")
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="COMPILE_CACHE_DIR to serve with (default: an empty one); a later "
+                        "run given the same folder starts on what this one compiled")
     parser.add_argument("--out", type=Path, default=Path("fresh.json"))
     args = parser.parse_args()
     on_gpu = torch.cuda.is_available()
@@ -102,7 +105,7 @@ def main() -> None:
         v.name for v in VARIANTS.values() if v.demo and v.sampler == VARIANTS[args.variant].sampler)
     work = Path(tempfile.mkdtemp(prefix="bentosvd-fresh-"))
     env = {**os.environ, "BENTOML_HOME": str(work / "home"), "BENTOML_DO_NOT_TRACK": "true",
-           "COMPILE_CACHE_DIR": str(work / "cache"), "MODEL_VERSION": variant,
+           "COMPILE_CACHE_DIR": str(args.cache or work / "cache"), "MODEL_VERSION": variant,
            "WARMUP": json.dumps(args.warmup), "JOBS_DIR": str(work / "jobs"),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     if not on_gpu:
@@ -117,7 +120,8 @@ def main() -> None:
     params = {"seed": 1, "num_inference_steps": 25, "min_guidance_scale": 1.0,
               "max_guidance_scale": 3.0, "decoding_t": 1} if on_gpu and v.sampler == "euler" else {"seed": 1}
     result = {"command": command("benchmarks.probes.fresh_node", None), "gpu": torch.cuda.get_device_name() if on_gpu else "cpu",
-              "variant": variant, "warmup": args.warmup, "params": params}
+              "variant": variant, "warmup": args.warmup, "params": params,
+              "cache": "given" if args.cache and args.cache.is_dir() and any(args.cache.iterdir()) else "empty"}
 
     def save():
         args.out.write_text(json.dumps(result, indent=1, default=str))
