@@ -10,6 +10,7 @@ streams its progress back over the typed protocol of `bentosvd/protocol.py`.
 
 from __future__ import annotations
 
+import atexit
 import os
 import tempfile
 from pathlib import Path
@@ -34,8 +35,11 @@ from bentosvd.worker.service import WORKERS, settings
 # deletes that file at every start, so two servers on one model store (replicas sharing a
 # volume) would delete each other's. Each server gets its own file, on local disk; its
 # processes inherit the path. Tasks do not outlive their server either way (docs/api.md).
-os.environ.setdefault("BENTOML_RESULT_STORE",
-                      str(Path(tempfile.gettempdir()) / f"bentosvd-tasks-{os.getpid()}.db"))
+if "BENTOML_RESULT_STORE" not in os.environ:
+    _task_store = Path(tempfile.gettempdir()) / f"bentosvd-tasks-{os.getpid()}.db"
+    os.environ["BENTOML_RESULT_STORE"] = str(_task_store)
+    # The process that chose the file (`bentoml serve`'s own) removes it when it exits.
+    atexit.register(_task_store.unlink, missing_ok=True)
 
 
 class SVD:

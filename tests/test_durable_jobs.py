@@ -9,6 +9,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import psutil
@@ -125,12 +126,17 @@ def test_sigterm_leaves_no_process_and_puts_the_job_back(start_server, test_imag
     server = start_server(JOBS_DIR=jobs_dir)
     processes = psutil.Process(server.proc.pid).children(recursive=True)
     assert any("GenerationWorker" in " ".join(p.cmdline()) for p in processes)
+    # BentoML's task results: a file this server chose (service.py), left to none after it.
+    task_store = Path(processes[0].environ()["BENTOML_RESULT_STORE"])
+    assert task_store.name == f"bentosvd-tasks-{server.proc.pid}.db"
     job = submit(server, test_image, {"seed": 8, **LONG}).json()
     wait_running(server, job["id"])
+    assert task_store.exists()
     os.killpg(server.proc.pid, signal.SIGTERM)
     server.proc.wait(60)
     gone, alive = psutil.wait_procs(processes, timeout=30)
     assert not alive, [p.cmdline() for p in alive]
+    assert not task_store.exists()
 
     again = start_server(JOBS_DIR=jobs_dir)
     final, _ = wait_finished(again, job["id"], timeout=300)
