@@ -133,6 +133,18 @@ class Settings(BaseSettings):
         "time for slightly lower quality at the same file size (docs/performance.md).",
     )
     gpu_workers: int = Field(1, ge=1, description="GPU worker processes (one per GPU).")
+    cfg_parallel: int = Field(
+        1, ge=1, le=2, description="2: each GPU worker takes a pair of GPUs and runs the two "
+        "halves of classifier-free guidance (unconditional, conditional) of every step on one "
+        "each, exchanging the noise predictions (docs/performance.md); both compile before "
+        "/readyz (COMPILE_IN_BACKGROUND does not apply). GPU_WORKERS x CFG_PARALLEL GPUs in "
+        "all; 1: one GPU per worker.",
+    )
+    cfg_parallel_timeout: float = Field(
+        60, gt=0, description="With CFG_PARALLEL=2: seconds a step waits for the second GPU's "
+        "half once its own is queued (steps that compile, at warm-up, wait up to 15 minutes); "
+        "past it the request fails and the second GPU's process is restarted.",
+    )
     max_queue: int = Field(
         4, ge=0, description="Requests that may wait for a GPU beyond those running; past it, 429."
     )
@@ -286,6 +298,30 @@ class Settings(BaseSettings):
             raise ValueError(f"STEP_CACHE={self.step_cache} is not for MODEL_VERSION="
                              f"{self.model_version}: its {self.variant.num_inference_steps} "
                              "consistency steps leave nothing to skip; unset STEP_CACHE")
+        return self
+
+    @model_validator(mode="after")
+    def _cfg_parallel_rules(self) -> Settings:
+        if self.cfg_parallel == 1:
+            return self
+        problems = [
+            (self.low_memory, "LOW_MEMORY, which runs both halves on one small GPU in turn"),
+            (self.step_cache, "STEP_CACHE, whose kept features are both halves' in one process"),
+            (not self.compile_regions and self.fast_path is not False,
+             "COMPILE_REGIONS=false: the UNet compiled as one graph would take in the exchange "
+             "between the two GPUs"),
+        ]
+        for refused, what in problems:
+            if refused:
+                raise ValueError(f"CFG_PARALLEL=2 does not work with {what}; unset one of them")
+        if self.variant.max_guidance_scale <= 1:
+            raise ValueError(f"CFG_PARALLEL=2 is not for MODEL_VERSION={self.model_version}: "
+                             "it samples without classifier-free guidance, so there is no "
+                             "second half to run on a second GPU; unset CFG_PARALLEL")
+        if self.device not in ("auto", "cuda", "cpu"):
+            raise ValueError(f"CFG_PARALLEL=2 takes a pair of GPUs per worker (worker i: "
+                             f"cuda:2i and cuda:2i+1): set DEVICE to auto or cuda, not "
+                             f"{self.device}")
         return self
 
     @property

@@ -41,21 +41,15 @@ class VideoGenerator:
     """One loaded SVD pipeline; `generate` runs one request at a time."""
 
     def __init__(self, parts: dict, device: torch.device, speedups: Speedups = Speedups(),
-                 cache_dir: Path | None = None):
+                 cache_dir: Path | None = None, guidance_pair=None):
         self.device = device
         self.speedups = speedups
         self.pipe = StableVideoDiffusionPipeline(**parts)
         self.pipe.set_progress_bar_config(disable=True)
         unet, vae = self.pipe.unet, self.pipe.vae
-        if speedups.single_token_cross_attention:
-            use_single_token_cross_attention(unet)
-        if speedups.efficient_temporal_attention:
-            use_efficient_temporal_attention(unet)
+        use_unet_speedups(unet, speedups, device)
         if speedups.frame_conv:
-            use_frame_conv(unet)
             use_frame_conv(vae)
-        if speedups.fp8:
-            quantize_fp8(unet, device)
         # dynamic=False in every compile below: each image orientation gets kernels of its
         # own fixed shape; letting the second shape turn the graph dynamic gives slower
         # kernels to both.
@@ -94,6 +88,10 @@ class VideoGenerator:
             # dim 0 is the frames (and, in temporal blocks, diffusers chunks the frames
             # itself): one frame's feed-forward at a time, a few dozen calls per layer.
             unet.enable_forward_chunking(chunk_size=1, dim=0)
+        if guidance_pair is not None:
+            # CFG_PARALLEL=2 (bentosvd.svd.cfg_parallel): the unconditional half of each
+            # step on the pair's second device; it compiles while this warm-up does.
+            guidance_pair.take_over(unet, may_build=lambda: self.compile_new_shapes)
         self.phases = PhaseTimer(self.pipe, device)
         # What has run while compiling was allowed: ("unet", frames, height, width) and
         # ("vae", frames decoded in one call, height, width).
@@ -105,12 +103,14 @@ class VideoGenerator:
     @classmethod
     def load(cls, pipeline_dir: Path, image_encoder_dir: Path, device: str = "auto",
              dtype: str = "auto", speedups: Speedups = Speedups(),
-             cache_dir: Path | None = None) -> VideoGenerator:
+             cache_dir: Path | None = None, guidance_pair=None) -> VideoGenerator:
+        """`guidance_pair` (bentosvd.svd.cfg_parallel.GuidancePair): run the unconditional
+        half of each guided step on its device."""
         dev = resolve_device(device)
         # Offloading keeps the weights on the CPU between uses.
         load_on = torch.device("cpu") if speedups.low_memory else dev
         parts = load_parts(pipeline_dir, image_encoder_dir, load_on, resolve_dtype(dtype, dev))
-        return cls(parts, dev, speedups, cache_dir)
+        return cls(parts, dev, speedups, cache_dir, guidance_pair)
 
     def generate(self, image: np.ndarray, settings: GenerationSettings,
                  on_step: Callable[[int, int], None] | None = None,
@@ -284,6 +284,19 @@ def sync(device: torch.device) -> None:
     """Wait for the device's queued work (a no-op on the CPU), so times are true."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def use_unet_speedups(unet: torch.nn.Module, speedups: Speedups, device: torch.device) -> None:
+    """The kernel-level speed-ups `speedups` asks for, applied to the UNet (the leader's
+    and, with CFG_PARALLEL=2, the peer's alike); compiling is the caller's."""
+    if speedups.single_token_cross_attention:
+        use_single_token_cross_attention(unet)
+    if speedups.efficient_temporal_attention:
+        use_efficient_temporal_attention(unet)
+    if speedups.frame_conv:
+        use_frame_conv(unet)
+    if speedups.fp8:
+        quantize_fp8(unet, device)
 
 
 def split_guidance_batch(unet: torch.nn.Module) -> None:

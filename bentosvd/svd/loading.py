@@ -53,7 +53,7 @@ def save_parts(parts: dict, pipeline_dir: Path, image_encoder_dir: Path, *, fp16
     parts["image_encoder"].save_pretrained(image_encoder_dir)
 
 
-def _weights_variant(folder: Path) -> str | None:
+def weights_variant(folder: Path) -> str | None:
     """`fp16` when the folder holds diffusers' `*.fp16.safetensors` files, else None."""
     return "fp16" if any(folder.glob("*.fp16.safetensors")) else None
 
@@ -78,7 +78,7 @@ def load_parts(pipeline_dir: Path, image_encoder_dir: Path, device: torch.device
     }
     parts = {}
     for name, (cls, folder) in models.items():
-        model = cls.from_pretrained(folder, variant=_weights_variant(folder), torch_dtype=dtype)
+        model = cls.from_pretrained(folder, variant=weights_variant(folder), torch_dtype=dtype)
         parts[name] = model.to(device).eval().requires_grad_(False)
     scheduler_class = SCHEDULERS[_class_name(pipeline_dir / "scheduler" / "scheduler_config.json")]
     parts["scheduler"] = scheduler_class.from_pretrained(pipeline_dir / "scheduler")

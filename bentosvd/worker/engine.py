@@ -8,6 +8,7 @@ and torch plus diffusers would add seconds to every start of theirs.
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import os
@@ -31,8 +32,9 @@ from bentosvd.protocol import (
 from bentosvd.rife.interpolate import times_for_fps
 from bentosvd.rife.stream import StreamingInterpolation
 from bentosvd.svd import compiled_blocks
+from bentosvd.svd.cfg_parallel import GuidancePair, load_unet, pair_devices
 from bentosvd.svd.generator import VideoGenerator
-from bentosvd.svd.loading import resolve_device
+from bentosvd.svd.loading import resolve_device, resolve_dtype
 from bentosvd.svd.speedups import Speedups
 from bentosvd.weights import rife_models
 
@@ -92,7 +94,11 @@ class Engine:
                  image_encoder_dir: Path, index: int = 0, busy_gauge=None,
                  rife: tuple[str, str] | None = None):
         self.settings, self.variant = settings, variant
-        device = str(resolve_device(settings.device, index))
+        pair = None
+        if settings.cfg_parallel == 2:
+            device, peer_device = (str(d) for d in pair_devices(settings.device, index))
+        else:
+            device = str(resolve_device(settings.device, index))
         speedups = speedups_for(settings, device)
         self.on_gpu = device.startswith("cuda")
         if self.on_gpu:
@@ -103,10 +109,19 @@ class Engine:
             torch.cuda.init()
             torch.zeros(1, device=device)
         started = time.perf_counter()
+        cache_dir = compiled_blocks.folder(settings.compile_cache_dir)
+        shown = device
+        if settings.cfg_parallel == 2:
+            # Started first: the second GPU's process loads its UNet while this one loads.
+            unet = functools.partial(load_unet, pipeline_dir / "unet",
+                                     resolve_dtype(settings.dtype, torch.device(device)))
+            pair = GuidancePair(device, peer_device, unet, speedups, cache_dir,
+                                timeout=settings.cfg_parallel_timeout)
+            shown = f"{device}+{peer_device}"
         self.generator = VideoGenerator.load(pipeline_dir, image_encoder_dir, device=device,
                                              dtype=settings.dtype, speedups=speedups,
-                                             cache_dir=compiled_blocks.folder(settings.compile_cache_dir))
-        logger.info("loaded %s (%s) on %s in %.1f s with %s", name, variant.description, device,
+                                             cache_dir=cache_dir, guidance_pair=pair)
+        logger.info("loaded %s (%s) on %s in %.1f s with %s", name, variant.description, shown,
                     time.perf_counter() - started, speedups)
         # RIFE (tag, folder), for interpolation on this device as the frames are decoded.
         self.rife = None
@@ -114,14 +129,16 @@ class Engine:
             self.rife = rife_models.load(rife[1], self.generator.device, self.generator.pipe.unet.dtype)
         # What GET health tells the API for its one line at ready.
         on = [f.name for f in fields(speedups) if getattr(speedups, f.name) not in (False, 0, None)]
-        self.description = {"model": name, "device": device, "speedups": ", ".join(on) or "none",
+        self.description = {"model": name, "device": shown, "speedups": ", ".join(on) or "none",
                             "rife": f"{rife[0]} (RIFE {self.rife.version})" if rife else None}
         # Each WARMUP shape: "compiled", "compiling" (served eagerly meanwhile) or "eager".
         self.shapes: dict[str, str] = {}
         # One generation at a time: requests, and the background compile's warm-ups.
         self.lock = threading.Lock()
+        # With CFG_PARALLEL=2 both GPUs compile during the warm-up: nothing in the
+        # background, where the second GPU's process could not follow.
         if speedups.compile_unet and self.generator.saved_regions is not None \
-                and settings.compile_in_background:
+                and settings.compile_in_background and pair is None:
             self._serve_while_compiling()
         elif speedups.compile_unet:
             # Compile now so /readyz turns 200 only once a request will not stall for minutes;

@@ -168,11 +168,12 @@ class GenerationWorker:
 
 
 def worker_service(index: int):
-    """The BentoML service of GPU worker `index`: one GPU each, so BentoML hands every
-    worker its own (and BentoCloud can place them apart)."""
+    """The BentoML service of GPU worker `index`: one GPU each (a pair with
+    CFG_PARALLEL=2), so BentoML hands every worker its own (and BentoCloud can place them
+    apart)."""
     name = "GenerationWorker" if index == 0 else f"GenerationWorker{index + 1}"
     cls = type(name, (GenerationWorker,), {"index": index, "__doc__": GenerationWorker.__doc__})
-    return bentoml.service(name=name, resources={"gpu": 1},
+    return bentoml.service(name=name, resources={"gpu": settings.cfg_parallel},
                            traffic={"timeout": settings.timeout})(cls)
 
 
