@@ -12,6 +12,7 @@ import bentoml
 import httpx
 import pytest
 
+from bentosvd.api.generations import ready_line, served_url
 from bentosvd.config import MAX_SEED, VARIANTS, Params
 from bentosvd.media.video import probe_video
 from tests.conftest import ROOT, make_image
@@ -207,10 +208,46 @@ def test_the_start_log_is_clean_and_says_ready_once(server):
     # The first request is as fast as the next: each WARMUP shape ran once before ready.
     assert "warmed up landscape (256x144)" in log and "warmed up portrait (144x256)" in log
     (ready,) = [line for line in log.splitlines() if "] ready: " in line]
-    assert "svd_demo" in ready and "on cpu" in ready and "speed-ups:" in ready and "/ui/" in ready
+    assert "svd_demo" in ready and "on cpu, speed-ups:" in ready
+    # The full address of the page, the one `bentoml serve` binds: a link to click.
+    assert f"the web page is at {server.url}/ui/, the API docs at {server.url}/" in ready, ready
+    assert httpx.get(f"{server.url}/ui/", timeout=30).status_code == 200
     assert "shapes: landscape eager, portrait eager" in ready  # no fast path on the CPU
+    # Once per start: not again as the server goes on (the job keeper polls the workers).
+    time.sleep(2)
+    assert server.log.read_text(errors="replace").count("] ready: ") == 1
     workers = httpx.get(f"{server.url}/info", timeout=30).json()["workers"]
     assert workers == [{"device": "cpu", "speedups": workers[0]["speedups"],
                         "shapes": {"landscape": "eager", "portrait": "eager"},
                         "rife": workers[0]["rife"]}], workers
     assert workers[0]["rife"].startswith("rife:")  # the demo's random RIFE
+
+
+def test_the_ready_line_is_one_for_all_gpu_workers():
+    """GPU_WORKERS=2: one line at ready, not one per worker; what differs between the
+    workers is said for each."""
+    health = [{"model": "svd_xt:abc", "device": f"cuda:{i}", "speedups": "compile_unet",
+               "shapes": {"landscape": "compiled", "portrait": shape}}
+              for i, shape in enumerate(["compiled", "compiling"])]
+    line = ready_line(health, "http://localhost:3000")
+    assert line == ("ready: svd_xt:abc on cuda:0, cuda:1 (2 GPU workers), speed-ups: compile_unet, "
+                    "shapes: worker 0: landscape compiled, portrait compiled; worker 1: landscape "
+                    "compiled, portrait compiling; the web page is at http://localhost:3000/ui/, "
+                    "the API docs at http://localhost:3000/")
+    assert ready_line(health[:1], None).endswith("the web page is at /ui/, the API docs at /")
+
+
+@pytest.mark.parametrize("bound, shown", [
+    ("http://localhost:3000", "http://localhost:3000"),  # BentoML's for 0.0.0.0 and ::
+    ("http://10.1.2.3:8080", "http://10.1.2.3:8080"),
+    ("https://fe80::1:3000", "https://[fe80::1]:3000"),
+])
+def test_the_ready_line_has_the_address_bentoml_serve_binds(monkeypatch, bound, shown):
+    from bentoml._internal.context import server_context
+
+    monkeypatch.setattr(server_context, "service_name", "svd-service")
+    monkeypatch.setenv("BENTOML_RUNNER_MAP", json.dumps(
+        {"GenerationWorker": "unix:///tmp/x.sock", "svd-service": bound}))
+    assert served_url() == shown
+    monkeypatch.delenv("BENTOML_RUNNER_MAP")
+    assert served_url() is None

@@ -324,6 +324,92 @@ def test_a_second_job_shows_its_place_in_the_queue(browser, server, ui, tmp_path
     assert not second.script_errors, second.script_errors
 
 
+def test_the_session_strip_keeps_each_video_with_its_seed_and_gives_its_settings_back(ui, info, tmp_path):
+    """Two videos in one session (the fewest frames and steps the page allows): both in the
+    strip, newest first, each with its seed; "use these settings again" on the first puts
+    its seed back in the form."""
+    page = ui.page
+    ui.open()
+    ui.choose(make_image(tmp_path / "photo.png", size=(800, 600)))
+    low = {name: js_number(flatten(info["params"][name])["minimum"])
+           for name in ("num_frames", "num_inference_steps")}
+    for name, value in low.items():
+        page.fill(f"#param-{name}", value)
+    page.uncheck("#randomize")
+    for count, seed in enumerate(["11", "22"], start=1):
+        page.fill("#param-seed", seed)
+        page.click("#submit")  # waits until it is enabled again after the first video
+        page.wait_for_function("n => document.querySelectorAll('#history-list li').length === n",
+                               arg=count, timeout=GENERATION_MS)
+        ui.wait_status("succeeded")
+        assert page.get_attribute("#player video", "aria-label") == f"Generated video, seed {seed}"
+
+    items = page.locator("#history-list li")
+    assert items.count() == 2
+    assert [items.nth(i).get_attribute("data-seed") for i in range(2)] == ["22", "11"]
+    for i, seed in enumerate(["22", "11"]):
+        caption = items.nth(i).locator("p").inner_text()
+        assert f"seed {seed}" in caption and f"num_frames {low['num_frames']}" in caption, caption
+        assert items.nth(i).locator("video").get_attribute("aria-label") == f"Generated video, seed {seed}"
+
+    first = page.locator("#history-list li[data-seed='11']")
+    page.check("#randomize")
+    page.fill("#param-num_frames", str(info["num_frames"]))
+    first.get_by_role("button", name="Use these settings again (seed 11)").click()
+    assert page.input_value("#param-seed") == "11" and not page.is_checked("#randomize")
+    assert page.is_enabled("#param-seed")
+    assert page.input_value("#param-num_frames") == low["num_frames"]
+
+
+def flatten(schema: dict) -> dict:
+    """A param's schema as the page reads it (pydantic's anyOf [{...}, {"type": "null"}])."""
+    return {**next((s for s in schema.get("anyOf", []) if s.get("type") != "null"), {}), **schema}
+
+
+def focused(page) -> str:
+    """The focused element: its id, else its tag (the Advanced <summary>)."""
+    return page.evaluate("() => document.activeElement.id || document.activeElement.tagName.toLowerCase()")
+
+
+def test_the_keyboard_alone_reaches_the_image_the_essentials_and_generate(ui, tmp_path):
+    """Tab from the top of the page: the image input first (Space opens the file chooser),
+    then the essentials in the order they are shown, then Advanced, then Generate; a field
+    that is off (the seed under "randomize", the method with no frame rate to smooth to) is
+    passed over until it is on. Every input has a label."""
+    page = ui.page
+    ui.open(advanced=False)
+    unlabelled = page.evaluate("""() => [...document.querySelectorAll('input, select, textarea')]
+        .filter(e => !(e.id && document.querySelector(`label[for="${e.id}"]`)?.textContent.trim())
+                     && !e.getAttribute('aria-label')?.trim())
+        .map(e => e.outerHTML)""")
+    assert not unlabelled, unlabelled
+
+    page.keyboard.press("Tab")
+    assert focused(page) == "file"
+    with page.expect_file_chooser() as chooser:
+        page.keyboard.press("Space")
+    chooser.value.set_files(str(make_image(tmp_path / "photo.png", size=(800, 600))))
+    ui.wait_caption("photo.png")
+
+    order = []
+
+    def tab(shift: bool = False) -> str:
+        page.keyboard.press("Shift+Tab" if shift else "Tab")
+        order.append(focused(page))
+        return order[-1]
+
+    assert [tab(), tab()] == ["param-motion_bucket_id", "randomize"]
+    page.keyboard.press("Space")  # randomize off: the seed field is on, just before it
+    assert tab(shift=True) == "param-seed"
+    page.keyboard.type("42")
+    assert [tab(), tab(), tab()] == ["randomize", "param-format", "param-interpolate_fps"]
+    page.keyboard.type("14")  # a frame rate to smooth to: the method is on
+    assert [tab(), tab(), tab(), tab()] == ["param-interpolation", "param-num_frames", "summary",
+                                            "submit"], order
+    assert page.is_enabled("#submit")
+    assert page.input_value("#param-seed") == "42" and page.input_value("#param-interpolate_fps") == "14"
+
+
 ESSENTIALS = ["motion_bucket_id", "seed", "format", "num_frames", "interpolate_fps", "interpolation"]
 
 
@@ -369,7 +455,13 @@ def test_layout_keeps_the_essentials_in_view_in_words(browser, server, info, tmp
         page.click("#history-list .again")
         assert page.input_value("#param-motion_bucket_id") == str(info["params"]["motion_bucket_id"]["default"])
         assert page.input_value("#param-seed") == seed and not page.is_checked("#randomize")
-    # docs/img/ holds these, taken by this test (copied from its tmp_path).
-    page.screenshot(path=str(tmp_path / f"ui-{width}.png"))
+    # docs/img/ holds these: `UI_SCREENSHOTS=docs/img pytest tests/test_ui.py -k layout`
+    # takes them again. Advanced closed, as the page first looks; the phone's above the
+    # fold, the laptop's whole page (the image, every essential, the video, the strip).
+    if page.locator("#advanced").get_attribute("open") is not None:
+        page.click("#advanced summary")
+    page.evaluate("() => { document.activeElement.blur(); window.scrollTo(0, 0) }")
+    folder = Path(os.environ.get("UI_SCREENSHOTS") or tmp_path)
+    page.screenshot(path=str(folder / f"ui-{width}.png"), full_page=width == 1280)
     context.close()
     assert not ui.script_errors, ui.script_errors

@@ -12,6 +12,7 @@ import asyncio
 import base64
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,51 @@ from bentosvd.weights import rife_models
 logger = logging.getLogger("bentoml.svd")
 
 JOB_HEARTBEAT = 0.5  # seconds between renewals of this replica's jobs (and cancel checks)
+JOB_PRUNE_EVERY = 60  # seconds between clean-ups of finished jobs past their retention
+
+
+def served_url() -> str | None:
+    """Where `bentoml serve` serves this service, as its own "listening on" line says it
+    (a bind to 0.0.0.0 or :: shown as localhost, which a browser on that machine opens):
+    from the map of service addresses BentoML hands each of its processes. None outside
+    `bentoml serve`."""
+    from bentoml._internal.context import server_context
+
+    try:
+        urls = json.loads(os.environ.get("BENTOML_RUNNER_MAP") or "{}")
+    except ValueError:
+        return None
+    url = urls.get(server_context.service_name) if isinstance(urls, dict) else None
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+        return None
+    scheme, _, netloc = url.rstrip("/").partition("://")
+    host, _, port = netloc.rpartition(":")
+    if ":" in host and not host.startswith("["):  # an IPv6 address: bracketed in a URL
+        netloc = f"[{host}]:{port}"
+    return f"{scheme}://{netloc}"
+
+
+def ready_line(health: list[dict], url: str | None) -> str:
+    """The one line logged at ready, for every GPU worker at once (their `health`): the
+    model, the devices, the speed-ups and warmed shapes (each worker's, where they differ),
+    and the full address of the web page and of BentoML's API docs (at /)."""
+
+    def each(show) -> str:
+        values = [show(h) for h in health]
+        if len(set(values)) == 1:
+            return values[0]
+        return "; ".join(f"worker {i}: {value}" for i, value in enumerate(values))
+
+    devices = ", ".join(str(h.get("device")) for h in health)
+    if len(health) > 1:
+        devices += f" ({len(health)} GPU workers)"
+    speedups = each(lambda h: str(h.get("speedups")))
+    shapes = each(lambda h: ", ".join(f"{k} {v}" for k, v in (h.get("shapes") or {}).items())
+                  or "none warmed")
+    base = url or ""
+    return (f"ready: {health[0].get('model')} on {devices}, speed-ups: {speedups}, shapes: "
+            f"{shapes}; the web page is at {base}/ui/, the API docs at {base}/")
+
 
 @dataclass
 class Work:
@@ -107,7 +153,7 @@ class Generations:
                     for job, request, image in await self.jobs.claim_orphans(everyone):
                         await self._resume(job, request, image)
                     claimed_once = True
-                if time.monotonic() - pruned > 60:
+                if time.monotonic() - pruned > JOB_PRUNE_EVERY:
                     await self.jobs.prune()
                     pruned = time.monotonic()
             except asyncio.CancelledError:
@@ -123,13 +169,9 @@ class Generations:
                                             for i in range(self.settings.gpu_workers)))
         except Exception:
             return False
-        if not self._announced:
+        if not self._announced:  # this replica's API process: once per start, for all workers
             self._announced = True
-            for i, h in enumerate(health):
-                shapes = ", ".join(f"{k} {v}" for k, v in (h.get("shapes") or {}).items())
-                logger.info("ready: %s on %s (worker %d), speed-ups: %s, shapes: %s; the web page "
-                            "is at /ui/, the API at /docs", h.get("model"), h.get("device"), i,
-                            h.get("speedups"), shapes or "none warmed")
+            logger.info("%s", ready_line(health, served_url()))
         return True
 
     async def _resume(self, job: Job, request: dict, image: np.ndarray | None) -> None:

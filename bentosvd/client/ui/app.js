@@ -204,6 +204,7 @@ function randomizeToggle(seedInput, checked) {
   box.type = "checkbox";
   box.id = "randomize";
   box.checked = checked;
+  label.htmlFor = box.id;
   const sync = () => {
     seedInput.disabled = box.checked;
     seedInput.required = !box.checked;
@@ -392,9 +393,8 @@ async function showResult(state) {
   const media = document.createElement(PLAYABLE.includes(format) ? "video" : "img");
   if (media.tagName === "VIDEO") {
     Object.assign(media, { controls: true, loop: true, autoplay: true, muted: true, playsInline: true });
-  } else {
-    media.alt = "the generated video";
   }
+  describeMedia(media, seed);
   media.id = "video";
   media.src = videoUrl;
   $("player").replaceChildren(media);
@@ -418,6 +418,7 @@ function remember(state, seed, format, params) {
   const media = $("player").firstElementChild.cloneNode();
   media.removeAttribute("id");
   if (media.tagName === "VIDEO") media.controls = false;
+  describeMedia(media, seed);
   const caption = document.createElement("p");
   const shown = Object.entries({ ...params, seed }).map(([k, v]) => `${k} ${v}`).join(", ");
   caption.textContent = `${job.stem}: ${shown}`;
@@ -425,12 +426,20 @@ function remember(state, seed, format, params) {
   again.type = "button";
   again.className = "again";
   again.textContent = "Use these settings again";
+  again.setAttribute("aria-label", `Use these settings again (seed ${seed})`); // one of several
   again.addEventListener("click", () => applyParams({ ...params, seed }));
   item.append(media, caption, again);
   item.dataset.seed = seed;
   item.dataset.format = format;
   $("history-list").prepend(item);
   $("history").hidden = false;
+}
+
+// What a screen reader says for a video: a <video>'s aria-label, an <img>'s (GIF, WebP) alt.
+function describeMedia(media, seed) {
+  const text = `Generated video, seed ${seed}`;
+  if (media.tagName === "IMG") media.alt = text;
+  else media.setAttribute("aria-label", text);
 }
 
 function applyParams(params) {
