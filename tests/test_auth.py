@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -14,6 +17,7 @@ import pytest
 
 from bentosvd.api.auth import ApiKeys, RequireApiKey
 from bentosvd.config import VARIANTS
+from tests.conftest import ROOT, make_image
 from tests.test_cli import cli
 from tests.test_service import assert_video, post
 from tests.test_ui import UI, browser, chromium  # noqa: F401 (fixtures)
@@ -103,6 +107,46 @@ def test_the_cli_sends_its_key(keyed, test_image, tmp_path, monkeypatch):
                "--api-key", KEYS[1])
     assert done.returncode == 0, done.stderr
     assert_video(out.read_bytes(), frames=DEMO.num_frames, fps=7, size=(DEMO.width, DEMO.height))
+
+
+def cli_keyed_by_env(*args, key: str | None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """The CLI as a user runs it with `BENTOSVD_API_KEY=key` (None: no key variable at all)
+    and no --api-key."""
+    env = {name: value for name, value in os.environ.items()
+           if name not in ("BENTOSVD_API_KEY", "BENTOSVD_TOKEN")}
+    if key is not None:
+        env["BENTOSVD_API_KEY"] = key
+    return subprocess.run([sys.executable, "-m", "bentosvd.client.cli", *map(str, args)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_the_batch_cli_takes_its_key_from_the_environment(keyed, tmp_path):
+    images, videos = tmp_path / "images", tmp_path / "videos"
+    images.mkdir()
+    make_image(images / "a.png", seed=3)
+    done = cli_keyed_by_env("batch", images, videos, "--url", keyed.url, "--seed", 2, key=KEYS[0])
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "done 1, skipped 0, failed 0" in done.stdout, done.stdout
+    assert_video((videos / "a.mp4").read_bytes(), frames=DEMO.num_frames, fps=7,
+                 size=(DEMO.width, DEMO.height))
+
+
+def test_the_batch_cli_without_a_key_says_401_and_how_to_pass_one(keyed, tmp_path):
+    images, videos = tmp_path / "images", tmp_path / "videos"
+    images.mkdir()
+    for name in ("a.png", "b.png"):
+        make_image(images / name)
+    refused = cli_keyed_by_env("batch", images, videos, "--url", keyed.url, "--concurrency", 1,
+                               key=None)
+    output = refused.stdout + refused.stderr
+    assert refused.returncode == 1, output
+    assert "Traceback" not in output, output
+    # The server's own message, then how to pass a key; the next image is not sent at all.
+    assert "failed: a.png: HTTP 401: this server needs an API key" in refused.stdout, output
+    assert "--api-key" in refused.stdout and "BENTOSVD_API_KEY" in refused.stdout, output
+    assert "done 0, skipped 0, failed 2" in refused.stdout, output
+    assert "not sent: the batch stopped at a.png" in refused.stdout, output
+    assert not videos.exists() or not any(videos.iterdir())
 
 
 def test_the_page_asks_for_the_key_and_keeps_it_for_the_session(browser, keyed):  # noqa: F811

@@ -1,6 +1,7 @@
 """The job store in-process (bentosvd/api/jobs.py), on a real SQLite file: records and
-files, retention by age, count and bytes, and the take-over of a dead replica's jobs by
-exactly one other. The same code on PostgreSQL, across real servers: tests/test_replicas.py."""
+files, retention by age, count and bytes (at open and by the API's periodic clean-up), and
+the take-over of a dead replica's jobs by exactly one other. The same code on PostgreSQL,
+across real servers: tests/test_replicas.py."""
 
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ import time
 import numpy as np
 import pytest
 
+from bentosvd.api import generations
+from bentosvd.api.generations import Generations
 from bentosvd.api.jobs import MAX_ATTEMPTS, Job, JobStore
+from bentosvd.config import Settings
 from bentosvd.errors import ServiceError
 
 IMAGE = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
@@ -77,6 +81,55 @@ def test_retention_forgets_the_oldest_with_their_files(tmp_path, limits, kept):
     assert left == kept
     videos = sorted(p.name for p in (tmp_path / "videos").iterdir())
     assert videos == sorted(f"{jobs[i].id}.mp4" for i in kept)
+
+
+def test_opening_the_store_forgets_expired_jobs_with_their_files(tmp_path):
+    before = store(tmp_path)  # the server that ran them, an hour to go for each
+    old = finished_job(before, bytes(20), finished_at=time.time() - 10)
+    queued = Job(seed=2, format="mp4", total_steps=8, created_at=time.time() - 10)
+    run(before.add(queued, REQUEST, IMAGE))
+    before.close()
+    video, image = tmp_path / "videos" / f"{old.id}.mp4", tmp_path / "inputs" / f"{queued.id}.npy"
+    assert video.exists() and image.exists()
+
+    after = store(tmp_path, ttl=1)  # a restart with a shorter JOB_TTL: open() cleans up
+    assert run(after.get(old.id)) is None and not video.exists()
+    # Not finished: kept whatever its age, with its input, for a take-over.
+    assert run(after.get(queued.id)).status == "queued" and image.exists()
+    after.close()
+
+
+def test_the_api_forgets_expired_jobs_while_it_runs(tmp_path, monkeypatch):
+    """The clean-up the API runs every JOB_PRUNE_EVERY seconds beside its job heartbeats
+    (Generations._keep_jobs), no restart: a job that expires after start is gone."""
+    monkeypatch.setattr(generations, "JOB_PRUNE_EVERY", 0.2)
+    settings = Settings(jobs_dir=str(tmp_path), jobs_database_url=None, job_ttl=1,
+                        rife_model="none", gpu_workers=1)
+
+    async def scenario():
+        # No GPU worker answers (as while they load): the jobs are kept all the same.
+        api = Generations(settings, settings.variant, workers=[])
+        await api.start()
+        try:
+            done = Job(seed=1, format="mp4", total_steps=8)
+            await api.jobs.add(done, REQUEST, IMAGE)
+            done.succeed(bytes(20), "video/mp4")
+            await api.jobs.finish(done)
+            queued = Job(seed=2, format="mp4", total_steps=8)
+            await api.jobs.add(queued, REQUEST, IMAGE)
+            video = api.jobs.video_path(done.id, "mp4")
+            assert await api.jobs.get(done.id) is not None and video.exists()
+            deadline = time.monotonic() + 15
+            while await api.jobs.get(done.id) is not None:
+                assert time.monotonic() < deadline, "the expired job was not cleaned up"
+                await asyncio.sleep(0.1)
+            assert time.time() - done.finished_at > 1  # not before its TTL
+            assert not video.exists()
+            assert (await api.jobs.get(queued.id)).status == "queued"
+        finally:
+            await api.stop()
+
+    run(scenario())
 
 
 def test_a_dead_replicas_jobs_are_taken_over_once_by_one_replica(tmp_path):
