@@ -18,7 +18,9 @@ GatedRepo`, with a token that has not been granted access 403 + `GatedRepo`; an 
 file: 404 with `RepoNotFound` / `RevisionNotFound` / `EntryNotFound`.
 
 Every request is logged (`hub.requests`), and faults can be queued per file (`hub.fail(...)`): "drop" sends
-half the body then closes the connection, "503" answers 503.
+half the body then closes the connection, "503" answers 503, "cut" sends half the body and then the whole hub
+goes away, as in a network outage: its port refuses connections and open connections are hung up on, until
+`hub.start()` brings it back at the same URL.
 """
 
 from __future__ import annotations
@@ -113,6 +115,8 @@ class FakeHub:
         self._faults: dict[tuple[str, str], list[str]] = {}
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
+        self._port = 0  # 0 until the first start; then kept, so that a restart has the same URL
+        self.offline = False
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
 
@@ -122,18 +126,21 @@ class FakeHub:
         class Handler(_Handler):
             fake_hub = hub
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = ThreadingHTTPServer(("127.0.0.1", self._port), Handler)  # reuses the address
         self._server.daemon_threads = True
+        self._port = self._server.server_address[1]
+        self.offline = False
         threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="fake-hub", daemon=True
         ).start()
         return self
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+        with self._lock:  # the test and a "cut" fault may stop it at the same time
+            server, self._server = self._server, None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
 
     def __enter__(self) -> FakeHub:
         return self.start()
@@ -141,16 +148,21 @@ class FakeHub:
     def __exit__(self, *exc) -> None:
         self.stop()
 
+    def go_offline(self) -> None:
+        """The hub goes away (the "cut" fault): new connections are refused, open ones hung up on."""
+        self.offline = True
+        self.stop()
+
     @property
     def url(self) -> str:
-        assert self._server is not None, "FakeHub not started"
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        assert self._port, "FakeHub not started"
+        return f"http://127.0.0.1:{self._port}"
 
     # -- test helpers ------------------------------------------------------------------------------------------
 
     def fail(self, repo_id: str, filename: str, *actions: str) -> None:
-        """Queue faults for the next GETs of a file: "drop" (half the body, then close) or "503"."""
+        """Queue faults for the next GETs of a file: "drop" (half the body, then close), "503", or "cut"
+        (half the body, then the hub goes offline until `start()`)."""
         with self._lock:
             self._faults.setdefault((repo_id, filename), []).extend(actions)
 
@@ -197,6 +209,9 @@ class _Handler(BaseHTTPRequestHandler):
         self._dispatch("HEAD")
 
     def _dispatch(self, method: str) -> None:
+        if self.fake_hub.offline:  # a request on a connection opened before the outage: hang up
+            self._hang_up()
+            return
         url = urlsplit(self.path)
         self.req = Request(
             method=method,
@@ -384,17 +399,22 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(k, str(v))
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
-        if fault == "drop":
+        if fault in ("drop", "cut"):
             # Half the body, then the connection goes away: the client sees a short read.
             self.wfile.write(data[: len(data) // 2])
             self.wfile.flush()
-            self.close_connection = True
-            try:
-                self.connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            self._hang_up()
+            if fault == "cut":
+                self.fake_hub.go_offline()
             return
         self.wfile.write(data)
+
+    def _hang_up(self) -> None:
+        self.close_connection = True
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 def closed_port_url() -> str:

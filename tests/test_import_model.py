@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,7 @@ from tests.fake_hub import (
 )
 
 SVD_XT = "stabilityai/stable-video-diffusion-img2vid-xt"
+UNET16 = "unet/diffusion_pytorch_model.fp16.safetensors"
 
 
 @pytest.fixture(scope="module")
@@ -34,14 +36,20 @@ def hub_root(tmp_path_factory) -> Path:
     return root
 
 
-def run(home: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+def environment(home: Path, **env: str) -> dict[str, str]:
+    """The test's environment less what would leak in from the machine: a model store and a
+    download cache under `home`, no token, endpoint or debug switch unless given."""
     full_env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true",
                 "HF_HOME": str(home / "hf"), **env}
-    for var in ("HF_TOKEN", "MODEL_VERSION", "MODEL_TAG"):
+    for var in ("HF_TOKEN", "HF_ENDPOINT", "MODEL_VERSION", "MODEL_TAG", "BENTOSVD_DEBUG"):
         if var not in env:
             full_env.pop(var, None)
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=full_env, capture_output=True,
-                          text=True, timeout=300)
+    return full_env
+
+
+def run(home: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=environment(home, **env),
+                          capture_output=True, text=True, timeout=300)
 
 
 def models(home: Path) -> dict[str, dict]:
@@ -162,21 +170,133 @@ def test_an_unreachable_hub_is_one_paragraph_and_debug_shows_the_traceback(tmp_p
     assert debug.returncode != 0 and "Traceback" in debug.stderr
 
 
-def test_a_full_disk_is_one_paragraph(monkeypatch, capsys, tmp_path):
-    """ENOSPC cannot be made here without mounting a small file system; the download is
-    made to raise it where huggingface_hub would."""
-    import errno
+def test_make_serve_with_no_hub_is_one_paragraph(tmp_path):
+    """What `make serve MODEL_VERSION=svd_xt` runs first (the Makefile's `import` target):
+    the variant is not in the (empty) model store, and the hub cannot be reached."""
+    url = closed_port_url()
+    result = run(tmp_path, "import_model.py", "--if-missing", MODEL_VERSION="svd_xt", HF_ENDPOINT=url)
+    assert_one_paragraph(result, "could not be reached", url, "git clone", "--from-dir")
+    assert not (tmp_path / "models" / "svd_xt").exists()
 
-    from bentosvd.weights import hub, importer
 
-    def full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "blob"))
+def test_make_import_with_no_hub_stops_with_the_paragraph(tmp_path):
+    """`make import` itself (as `make serve` runs it): make stops, non-zero, after the paragraph."""
+    venv = Path(sys.prefix)
+    installed = venv / ".installed"
+    if shutil.which("make") is None or not installed.is_file():
+        pytest.skip("needs make and the venv `make install` made")
+    env = {k: v for k, v in environment(tmp_path, HF_ENDPOINT=closed_port_url()).items()
+           if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    make = ["make", "-C", str(ROOT), f"VENV={venv}", "MODEL_VERSION=svd_xt"]
+    if subprocess.run([*make, "-q", str(installed)], env=env, capture_output=True).returncode != 0:
+        pytest.skip("the venv is older than requirements*.txt: `make import` would reinstall it")
+    result = subprocess.run([*make, "import"], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "--if-missing" in result.stdout  # the command make ran
+    paragraph, hint, make_says = result.stderr.strip().splitlines()[-3:]
+    assert paragraph.startswith("import_model.py: Could not download ") and "could not be reached" in paragraph
+    assert hint.endswith("shows the traceback)") and "Error 1" in make_says
 
-    monkeypatch.setattr(hub, "download_variant", full)
-    monkeypatch.setenv("BENTOML_HOME", str(tmp_path))
-    assert importer.main(["--variant", "svd_xt"]) == 1
-    err = capsys.readouterr().err
-    assert "the disk is full writing" in err and "HF_HOME" in err and "Traceback" not in err
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 16 MiB tmpfs, so that a disk really fills up: ENOSPC comes from the kernel, where it
+    would on a full disk. Mounting one needs root (as `make image` does); else skipped."""
+    where = tmp_path / "small_disk"
+    where.mkdir()
+    if shutil.which("mount") is None:
+        pytest.skip("no mount command to make a small disk with")
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(where)],
+                           capture_output=True, text=True)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs (needs root): {mount.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def fill(disk: Path, leave: int) -> Path:
+    """Write a file of zeros that leaves `leave` bytes free on `disk`."""
+    filler = disk / "filler"
+    left = shutil.disk_usage(disk).free - leave
+    with open(filler, "wb") as f:
+        while left > 0:
+            left -= f.write(bytes(min(left, 1 << 20)))
+    return filler
+
+
+def cached_files(hf_home: Path) -> set[str]:
+    """SVD-XT's files in the huggingface_hub cache: those that finished downloading."""
+    snapshots = hf_home / "hub" / f"models--{SVD_XT.replace('/', '--')}" / "snapshots"
+    return {p.relative_to(s).as_posix() for s in snapshots.glob("*") for p in s.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("where", ["HF_HOME", "TMPDIR"], ids=["download cache", "staging folder"])
+def test_a_full_disk_is_one_paragraph_and_the_rerun_after_freeing_space_finishes(
+        tmp_path, hub_root, small_disk, where):
+    """The download cache (HF_HOME) or the staging folder (TMPDIR) on a disk with 1 MB left:
+    the 2.7 MB UNet does not fit. One paragraph naming that disk; once space is freed the same
+    command finishes, without fetching again the files that were complete."""
+    filler = fill(small_disk, leave=1_000_000)
+    hf_home = small_disk / "hf" if where == "HF_HOME" else tmp_path / "hf"
+    with FakeHub(hub_root) as hub:
+        env = {"HF_ENDPOINT": hub.url, "HF_TOKEN": GOOD_TOKEN, "MODEL_VERSION": "svd_xt",
+               "HF_HOME": str(hf_home)}
+        if where == "TMPDIR":
+            env["TMPDIR"] = str(small_disk)
+        full = run(tmp_path, "import_model.py", "--if-missing", **env)
+        finished = cached_files(hf_home)
+        if where == "HF_HOME":  # the download stopped
+            assert_one_paragraph(full, "The disk is full: downloading", f"cache ({hf_home / 'hub'})",
+                                 "MB free there now", "re-run the same command", "HF_HOME")
+            assert "Not enough free disk space" not in full.stderr  # huggingface_hub's warning: said once
+            assert finished and UNET16 not in finished
+        else:  # the download finished, placing the files in the staging folder did not
+            assert_one_paragraph(full, f"the disk is full writing {small_disk}/bentosvd-import-", "TMPDIR")
+            assert UNET16 in finished
+        assert not list(small_disk.rglob("*.incomplete")) and not list(small_disk.glob("bentosvd-import-*"))
+        assert not (tmp_path / "models" / "svd_xt").exists()
+
+        filler.unlink()
+        hub.clear()
+        again = run(tmp_path, "import_model.py", "--if-missing", **env)
+        assert again.returncode == 0, again.stderr
+        assert "MODEL_VERSION=svd_xt bentoml serve" in again.stdout
+        fetched = hub.file_requests("GET")
+        assert not finished & set(fetched)  # what finished before is not fetched again
+        assert sorted([*fetched, *finished]) == sorted(cached_files(hf_home))
+
+
+def test_a_download_cut_off_midway_is_one_paragraph_and_the_rerun_finishes_it(tmp_path, hub_root):
+    """The connection drops in the middle of the UNet's weights and the hub stays away (the
+    stand-in's "cut": its port then refuses connections): huggingface_hub's own resume attempts
+    fail, the command says so in one paragraph. Once the hub is back the same command finishes;
+    files that were complete are not fetched again (the cut one starts over: huggingface_hub
+    2.4 keeps no partial file between runs)."""
+    with FakeHub(hub_root) as hub:
+        hub.fail(SVD_XT, UNET16, "cut")
+        env = {"HF_ENDPOINT": hub.url, "HF_TOKEN": GOOD_TOKEN, "MODEL_VERSION": "svd_xt"}
+        cut = run(tmp_path, "import_model.py", "--if-missing", **env)
+        assert_one_paragraph(cut, "could not be reached", "Re-run the same command to continue",
+                             "are not fetched again")
+        assert "Trying to resume download" in cut.stderr  # huggingface_hub tried, the hub was gone
+        (unet_get,) = [r for r in hub.requests if r.method == "GET" and r.path.endswith(UNET16)]
+        assert unet_get.status == 200 and unet_get.range is None
+        finished = cached_files(tmp_path / "hf")
+        assert UNET16 not in finished
+        assert not (tmp_path / "models" / "svd_xt").exists()
+
+        hub.start()  # the network is back, at the same address
+        hub.clear()
+        again = run(tmp_path, "import_model.py", "--if-missing", **env)
+        assert again.returncode == 0, again.stderr
+        fetched = hub.file_requests("GET")
+        assert UNET16 in fetched and not finished & set(fetched)
+        registered = (tmp_path / "models" / "svd_xt").glob("*/pipeline/unet/diffusion_pytorch_model.fp16.safetensors")
+        (unet,) = registered
+        assert sha256_file(unet) == hub.repos[SVD_XT].files[UNET16].sha256
 
 
 def test_a_bug_still_shows_its_traceback(monkeypatch, tmp_path):

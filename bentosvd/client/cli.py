@@ -7,6 +7,9 @@ It speaks the HTTP contract of README.md with httpx and imports no BentoML. The 
 flags (`--fps-id`, `--seed`, ...) are made from `config.Params`, so a field added there
 gets its flag, bounds and help here without a change; `--param key=value` sends anything
 else as it is. The server checks every value.
+
+A failure is one paragraph on stderr (`error: ...`); when an exception is behind it, a last
+line says that `--debug` (or BENTOSVD_DEBUG=1, as for import_model.py) shows its traceback.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import random
 import sys
 import tempfile
 import time
+import traceback
 import types
 import typing
 from collections import defaultdict
@@ -31,6 +35,7 @@ import httpx
 from pydantic import BaseModel
 
 from bentosvd.config import Params
+from bentosvd.weights.importer import DEBUG_ENV  # the one switch for import_model.py and this
 
 DEFAULT_URL = "http://localhost:3000"
 IMAGE_SUFFIXES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg",
@@ -41,6 +46,7 @@ RETRY_STATUSES = {429, 502, 503}
 FIRST_BACKOFF = 0.5  # seconds before the first retry when the server gives no Retry-After
 MAX_WAIT = 60.0  # longest pause between tries, whatever Retry-After says
 CONNECT_TIMEOUT = 10.0
+DEBUG_HINT = f"(--debug or {DEBUG_ENV}=1 shows the traceback)"
 
 
 class GenerationFailed(Exception):
@@ -97,7 +103,7 @@ class SVDClient:
         except httpx.TransportError as e:
             raise GenerationFailed(
                 f"cannot reach the server at {self.url} ({describe(e)}). Is it running "
-                f"(`make serve`)? Pass --url or set BENTOSVD_URL.") from None
+                f"(`make serve`)? Pass --url or set BENTOSVD_URL.") from e
 
     async def generate(self, image: Path, params: dict, on_retry=None) -> Video:
         """One image → its video. Raises `GenerationFailed` with the server's message.
@@ -106,7 +112,7 @@ class SVDClient:
         try:
             upload = image.read_bytes()
         except OSError as e:
-            raise GenerationFailed(f"cannot read the image: {e}") from None
+            raise GenerationFailed(f"cannot read the image: {e}") from e
         # A neutral name: the server needs none, and a long one would be refused (400).
         suffix = image.suffix.lower()
         files = {"img": (f"image{suffix}", upload, IMAGE_SUFFIXES.get(suffix, "image/png"))}
@@ -114,16 +120,19 @@ class SVDClient:
         attempt = 0
         while True:
             attempt += 1
+            cause = None  # the connection error of this try, for --debug's traceback
             try:
                 response = await self.http.post("/generate", files=files, data=data)
             except httpx.TimeoutException as e:
                 if not isinstance(e, httpx.ConnectTimeout):
                     # The server may still be busy with it: another try would wait as long.
                     raise GenerationFailed(
-                        f"no answer within {self.timeout:g} s (--timeout)") from None
+                        f"no answer within {self.timeout:g} s (--timeout)") from e
                 what, retry_after, unreachable = f"connection failed ({describe(e)})", None, True
+                cause = e
             except httpx.TransportError as e:
                 what, retry_after, unreachable = f"connection failed ({describe(e)})", None, True
+                cause = e
             else:
                 if response.status_code == 200 and response.content:
                     return Video(response.content, _int_or_none(response.headers.get("x-seed")),
@@ -137,7 +146,7 @@ class SVDClient:
             if attempt > self.retries:
                 raise GenerationFailed(
                     f"{what}; gave up after {attempt} tries (--retries {self.retries})",
-                    stops_batch=unreachable)
+                    stops_batch=unreachable) from cause
             delay = retry_delay(attempt, retry_after)
             if on_retry is not None:
                 on_retry(what, delay, attempt + 1)
@@ -480,6 +489,8 @@ def build_parser(model: type[BaseModel] = Params) -> argparse.ArgumentParser:
     server.add_argument("--retries", type=_non_negative, default=5, metavar="N",
                         help="tries after the first on 429/502/503 and connection errors, "
                         "waiting as Retry-After says (default %(default)s)")
+    server.add_argument("--debug", action="store_true",
+                        help=f"on a failure, show the traceback too (also: {DEBUG_ENV}=1)")
 
     one = commands.add_parser("generate", parents=[server], help="one image → one video",
                               description="Turn one image into a video; prints the seed used.")
@@ -520,8 +531,11 @@ def _non_negative(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Exit codes: 0 all videos written; 1 some failed; 2 bad usage or no server; 130 Ctrl-C."""
+    """Exit codes: 0 all videos written; 1 some failed, or an unexpected error; 2 bad usage or
+    no server; 130 Ctrl-C. Whatever fails prints one paragraph on stderr, never a traceback
+    unless --debug (or BENTOSVD_DEBUG=1) asks for it."""
     args = build_parser().parse_args(argv)
+    args.debug = args.debug or bool(os.environ.get(DEBUG_ENV))
     args.url = args.url.rstrip("/")
     if not args.url.startswith(("http://", "https://")):
         return _usage_error(f"--url must start with http:// or https://, got {args.url!r}")
@@ -531,6 +545,8 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(command(args, params))
     except KeyboardInterrupt:
         return 130
+    except Exception as e:  # not one the commands expect (a malformed --url, a bug): still one paragraph
+        return fail(describe(_innermost(e)), e, debug=args.debug)
 
 
 async def generate_command(args, params: dict) -> int:
@@ -549,16 +565,14 @@ async def generate_command(args, params: dict) -> int:
         try:
             await client.check_reachable()
         except GenerationFailed as e:
-            return _usage_error(e.reason)
+            return fail(e.reason, e, debug=args.debug, code=2)
         try:
             video = await client.generate(args.image, params, on_retry=on_retry)
             write_atomically(output, video.data)
         except OSError as e:
-            print(f"error: cannot write {output}: {e}", file=sys.stderr)
-            return 1
+            return fail(f"cannot write {output}: {e}", e, debug=args.debug)
         except GenerationFailed as e:
-            print(f"error: {e.reason}", file=sys.stderr)
-            return 1
+            return fail(e.reason, e, debug=args.debug)
     if video.warning:
         print(f"warning: {video.warning}", file=sys.stderr)
     print(f"wrote {output} in {time.monotonic() - started:.1f} s, seed {video.seed}")
@@ -589,7 +603,7 @@ async def batch_command(args, params: dict) -> int:
             try:
                 await client.check_reachable()
             except GenerationFailed as e:
-                return _usage_error(e.reason)
+                return fail(e.reason, e, debug=args.debug, code=2)
         progress = Progress(len(jobs), len(summary.skipped))
         try:
             await run_batch(todo, client, params, concurrency=args.concurrency,
@@ -604,8 +618,27 @@ async def batch_command(args, params: dict) -> int:
 
 
 def _usage_error(message: str) -> int:
+    """A mistake in the command line itself (no exception behind it): the message, exit 2."""
     print(f"error: {message}", file=sys.stderr)
     return 2
+
+
+def fail(message: str, error: BaseException, *, debug: bool, code: int = 1) -> int:
+    """Print the one paragraph for a failure `error` caused and return the exit code: the
+    message, then how to see the traceback; with `debug`, the traceback first."""
+    if debug:
+        traceback.print_exception(error, file=sys.stderr)
+    print(f"error: {message}", file=sys.stderr)
+    if not debug:
+        print(DEBUG_HINT, file=sys.stderr)
+    return code
+
+
+def _innermost(error: BaseException) -> BaseException:
+    """The one error inside a group of one (asyncio's and anyio's task groups wrap them)."""
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    return error
 
 
 if __name__ == "__main__":

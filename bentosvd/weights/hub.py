@@ -32,6 +32,7 @@ the turbo's UNet) and to write the turbo's scheduler config.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -39,6 +40,7 @@ import re
 import shutil
 import struct
 import uuid
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -228,7 +230,7 @@ def download_variant(
     variant `"unet": {"repo_id", "revision", "file", "sha256"}`: where its UNet came from.
 
     Raises `DownloadError` (licence not accepted / no or bad token, unknown repo or revision, hub not
-    reachable, transfer failed) with a message saying what to do, `ConversionError` if the image-decoder
+    reachable, transfer failed, disk full) with a message saying what to do, `ConversionError` if the image-decoder
     checkpoint cannot be converted, `ValueError` for an unknown variant.
     """
     from huggingface_hub import hf_hub_download, snapshot_download
@@ -239,42 +241,46 @@ def download_variant(
     rev = PINNED_REVISIONS[repo_id] if source.unet_repo_id else revision or PINNED_REVISIONS[repo_id]
     where = dict(repo_id=repo_id, revision=rev, endpoint=endpoint, cache_dir=cache_dir)
     unet_file = unet_commit = None
-    try:
-        snapshot = Path(
-            snapshot_download(
-                repo_id,
-                revision=rev,
-                allow_patterns=hub_allow_patterns(variant),
-                cache_dir=cache_dir,
-                token=token,
-                endpoint=endpoint,
-            )
-        )
-        # In the cache layout the snapshot folder is named after the commit it holds.
-        commit = snapshot.name if _COMMIT_RE.match(snapshot.name) else None
-        single_file = None
-        if source.image_decoder_file is not None:
-            single_file = Path(
-                hf_hub_download(
+    with warnings.catch_warnings():
+        # huggingface_hub warns before a file that does not fit on the disk; the download then stops
+        # with ENOSPC, which `_download_error` turns into the one message (saying how much is free).
+        warnings.filterwarnings("ignore", message="Not enough free disk space", category=UserWarning)
+        try:
+            snapshot = Path(
+                snapshot_download(
                     repo_id,
-                    source.image_decoder_file,
-                    revision=commit or rev,  # same commit as the snapshot
+                    revision=rev,
+                    allow_patterns=hub_allow_patterns(variant),
                     cache_dir=cache_dir,
                     token=token,
                     endpoint=endpoint,
                 )
             )
-        if source.unet_file is not None:
-            where.update(repo_id=source.unet_repo_id,
-                         revision=revision or PINNED_REVISIONS[source.unet_repo_id])
-            unet_file = Path(hf_hub_download(source.unet_repo_id, source.unet_file, revision=where["revision"],
-                                             cache_dir=cache_dir, token=token, endpoint=endpoint))
-            unet_commit = unet_file.parent.name if _COMMIT_RE.match(unet_file.parent.name) else None
-    except Exception as error:
-        converted = _download_error(error, **where)
-        if converted is None:
-            raise
-        raise converted from error
+            # In the cache layout the snapshot folder is named after the commit it holds.
+            commit = snapshot.name if _COMMIT_RE.match(snapshot.name) else None
+            single_file = None
+            if source.image_decoder_file is not None:
+                single_file = Path(
+                    hf_hub_download(
+                        repo_id,
+                        source.image_decoder_file,
+                        revision=commit or rev,  # same commit as the snapshot
+                        cache_dir=cache_dir,
+                        token=token,
+                        endpoint=endpoint,
+                    )
+                )
+            if source.unet_file is not None:
+                where.update(repo_id=source.unet_repo_id,
+                             revision=revision or PINNED_REVISIONS[source.unet_repo_id])
+                unet_file = Path(hf_hub_download(source.unet_repo_id, source.unet_file, revision=where["revision"],
+                                                 cache_dir=cache_dir, token=token, endpoint=endpoint))
+                unet_commit = unet_file.parent.name if _COMMIT_RE.match(unet_file.parent.name) else None
+        except Exception as error:
+            converted = _download_error(error, **where)
+            if converted is None:
+                raise
+            raise converted from error
 
     try:
         plan = _plan(snapshot, variant, allow_fp32=False, single_file=single_file, unet_file=unet_file)
@@ -599,7 +605,13 @@ def _link_or_copy(src: Path, dst: Path) -> None:
     try:
         os.link(real, dst)
     except OSError:
-        shutil.copyfile(real, dst)
+        try:
+            shutil.copyfile(real, dst)
+        except OSError as error:
+            if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            # shutil names the file read first: name the one that did not fit, on the disk that is full.
+            raise OSError(error.errno, error.strerror, str(dst)) from error
 
 
 def _weights_problem(path: Path) -> str | None:
@@ -708,6 +720,15 @@ def _download_error(error: Exception, *, repo_id: str, revision: str, endpoint: 
         f" cache ({cache_dir or constants.HF_HUB_CACHE}) and are not fetched again."
     )
 
+    full = _disk_full(error)
+    if full is not None:
+        cache = Path(cache_dir or constants.HF_HUB_CACHE)
+        return DownloadError(
+            f"The disk is full: downloading {repo_id} into the huggingface_hub cache ({cache}) stopped with "
+            f"'{full.strerror}'; {_free_space(cache)} free there now. Free some space on that disk and re-run the "
+            "same command: files that finished downloading are kept there and are not fetched again. Or set "
+            "HF_HOME to a folder on a bigger disk (the download then starts over there)."
+        )
     if isinstance(error, GatedRepoError) or status in (401, 403):
         server_says = ""
         if isinstance(error, HfHubHTTPError) and error.response is not None:
@@ -751,6 +772,28 @@ def _download_error(error: Exception, *, repo_id: str, revision: str, endpoint: 
         return DownloadError(message)
     if isinstance(error, HfHubHTTPError):
         return DownloadError(f"The hub at {hub} answered HTTP {status} while downloading {repo_id}: {error}. {retry}")
-    if isinstance(error, OSError):  # e.g. size check after a broken transfer, disk full
+    if isinstance(error, OSError):  # e.g. the size check after a broken transfer
         return DownloadError(f"Downloading {repo_id} failed: {error}. {retry}")
     return None
+
+
+def _disk_full(error: BaseException) -> OSError | None:
+    """The ENOSPC / EDQUOT error behind `error` (itself, or what it was raised from), if any."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _free_space(path: Path) -> str:
+    """Free space on the disk holding `path` (or its nearest existing parent), e.g. "1.2 MB"."""
+    for folder in (Path(path), *Path(path).parents):
+        try:
+            free = shutil.disk_usage(folder).free
+        except OSError:
+            continue
+        return f"{free / 1e9:.1f} GB" if free >= 1e9 else f"{free / 1e6:.1f} MB"
+    return "an unknown amount"

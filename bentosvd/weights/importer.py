@@ -105,7 +105,10 @@ def explain(error: Exception) -> str | None:
         return str(error)
     if isinstance(error, ValidationError):  # a setting such as MODEL_VERSION out of range
         return f"a setting is invalid: {error}"
-    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+    # BentoML's copy into the model store re-raises a full disk without its errno, so its
+    # text is what says so.
+    if isinstance(error, OSError) and (error.errno == errno.ENOSPC
+                                       or "[Errno 28]" in str(error)):
         where = f" writing {error.filename}" if error.filename else ""
         return (f"the disk is full{where}. Free some space, or point HF_HOME (the download "
                 "cache) and TMPDIR (the staging folder) at a bigger disk, then re-run the same "
