@@ -12,6 +12,7 @@ import functools
 import gc
 import logging
 import os
+import sys
 import threading
 import time
 from dataclasses import dataclass, fields, replace
@@ -44,6 +45,12 @@ logger = logging.getLogger("bentoml.svd")
 # Rounds of building a shape's compiled blocks in the background: each can reveal blocks
 # whose inputs change layout once the blocks before them run compiled (two or three do).
 MAX_ROUNDS = 8
+# The GIL's switch interval while the background compile runs. PyTorch lets go of the GIL
+# inside every operator, and an eager request takes it back thousands of times a step; at
+# Python's default 5 ms the compiling thread (Dynamo and Inductor are Python) keeps it up to
+# that long each time. A short slice lets the request back in sooner, at some cost to the
+# compile's own pace (docs/performance.md, serving while compiling).
+COMPILE_SWITCH_INTERVAL = 1e-4
 
 
 class Stopped(Exception):
@@ -217,6 +224,14 @@ class Engine:
         warm-up step which blocks still miss (their inputs' layout changed now that the
         blocks before them run compiled), until none do."""
         regions = self.generator.saved_regions
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(COMPILE_SWITCH_INTERVAL)
+        try:
+            self._build_shapes(regions, pending)
+        finally:
+            sys.setswitchinterval(interval)
+
+    def _build_shapes(self, regions, pending: list[tuple[str, set]]) -> None:
         for orientation, keys in pending:
             w, h = self._size(orientation)
             started, rounds = time.perf_counter(), 0
