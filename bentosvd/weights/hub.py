@@ -243,7 +243,7 @@ def download_variant(
     unet_file = unet_commit = None
     with warnings.catch_warnings():
         # huggingface_hub warns before a file that does not fit on the disk; the download then stops
-        # with ENOSPC, which `_download_error` turns into the one message (saying how much is free).
+        # with ENOSPC, which `download_error` turns into the one message (saying how much is free).
         warnings.filterwarnings("ignore", message="Not enough free disk space", category=UserWarning)
         try:
             snapshot = Path(
@@ -277,7 +277,7 @@ def download_variant(
                                                  cache_dir=cache_dir, token=token, endpoint=endpoint))
                 unet_commit = unet_file.parent.name if _COMMIT_RE.match(unet_file.parent.name) else None
         except Exception as error:
-            converted = _download_error(error, **where)
+            converted = download_error(error, **where)
             if converted is None:
                 raise
             raise converted from error
@@ -690,7 +690,7 @@ def _git_head(src: Path) -> str | None:
     return src.name if _COMMIT_RE.match(src.name) else None  # a copied snapshots/<commit> folder
 
 
-def _download_error(error: Exception, *, repo_id: str, revision: str, endpoint: str | None, cache_dir) -> DownloadError | None:
+def download_error(error: Exception, *, repo_id: str, revision: str, endpoint: str | None, cache_dir) -> DownloadError | None:
     """Turn a huggingface_hub / network exception into a DownloadError that says what to do (None: not ours)."""
     from huggingface_hub import constants
     from huggingface_hub.errors import (

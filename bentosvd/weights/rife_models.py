@@ -69,14 +69,14 @@ def register_from_hub(repo_id: str, filename: str, *, revision: str | None = Non
     came from. Raises hub.DownloadError with what to do when it cannot be fetched."""
     from huggingface_hub import hf_hub_download
 
-    from bentosvd.weights.hub import _download_error
+    from bentosvd.weights.hub import download_error
 
     rev = revision or "main"
     try:
         path = Path(hf_hub_download(repo_id, filename, revision=rev, token=token,
                                     endpoint=endpoint))
     except Exception as error:
-        converted = _download_error(error, repo_id=repo_id, revision=rev, endpoint=endpoint,
+        converted = download_error(error, repo_id=repo_id, revision=rev, endpoint=endpoint,
                                     cache_dir=None)
         if converted is None:
             raise
