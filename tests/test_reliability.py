@@ -133,7 +133,10 @@ def test_readyz_turns_200_only_once_the_model_is_loaded(start_server):
         time.sleep(0.1)
     # Read at once: the worker had logged its model loaded before /readyz said 200.
     assert status == 200, not_ready[-5:]
-    assert "GenerationWorker initialized" in server.log.read_text()
+    log = server.log.read_text()
+    # The engine's own lines, not BentoML's "initialized" (which says only that the
+    # worker's constructor returned): the model loaded, and the warm-up ran.
+    assert "GenerationWorker:1] loaded " in log and "warmed up landscape" in log, log[-3000:]
     assert not_ready, "/readyz was never seen before the model had loaded"
     assert set(not_ready) <= {503, "ConnectError", "ReadTimeout"}, not_ready
 
@@ -209,8 +212,8 @@ def test_gpu_workers_each_get_requests_and_readyz_waits_for_all(start_server, te
     server = start_server(GPU_WORKERS="2", INJECT_LOAD_DELAY="[0, 8]", wait=False)
     server.wait_ready()
     log = server.log.read_text()  # read at once: both had loaded before /readyz said 200
-    assert "Service GenerationWorker initialized" in log
-    assert "Service GenerationWorker2 initialized" in log
+    for name in ("GenerationWorker", "GenerationWorker2"):
+        assert f"{name}:1] loaded " in log and f"{name}:1] warmed up landscape" in log, name
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         responses = list(pool.map(lambda i: post(server, test_image, {"seed": i}), range(4)))
     assert [r.status_code for r in responses] == [200] * 4
@@ -218,3 +221,8 @@ def test_gpu_workers_each_get_requests_and_readyz_waits_for_all(start_server, te
                for line in server.log.read_text().splitlines() if "] generated {" in line]
     # The first two start at once on different workers; the next two take whichever frees first.
     assert len(workers) == 4 and set(workers) == {0, 1}, workers
+    # ... and each worker's own access log shows it served some: the queue's choice reached it.
+    served_by = [line.split("[service:", 1)[1].split(":", 1)[0]
+                 for line in server.log.read_text().splitlines()
+                 if "[service:GenerationWorker" in line and "path=/generate" in line]
+    assert set(served_by) == {"GenerationWorker", "GenerationWorker2"}, served_by

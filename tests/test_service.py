@@ -130,12 +130,25 @@ def test_hostile_file_names_are_harmless(server, server_tmp, test_image, filenam
     # BentoML keeps uploads in a folder under the server's TMPDIR (server_tmp): a name that
     # climbed out of it would land in server_tmp or above it, or beside the server's cwd.
     places = [server_tmp, server_tmp.parent, server_tmp.parent.parent, ROOT, ROOT.parent]
-    with test_image.open("rb") as f:
-        response = httpx.post(f"{server.url}/generate", files={"img": (filename, f, "image/png")},
-                              data={"params": '{"seed": 0}'}, timeout=120)
-    assert response.status_code == 200, response.text
-    escaped = [p for place in places for p in place.glob("*evil*")]
-    assert not escaped, escaped
+    # Decoys where "../../evil.png" could land: the server deletes each upload once decoded,
+    # so an escaped file would be gone by the search below; a decoy overwritten or deleted
+    # is not.
+    decoys = {place / "evil.png": f"decoy {i}".encode() for i, place in enumerate(places[:3])}
+    for path, data in decoys.items():
+        path.write_bytes(data)
+    try:
+        with test_image.open("rb") as f:
+            response = httpx.post(f"{server.url}/generate",
+                                  files={"img": (filename, f, "image/png")},
+                                  data={"params": '{"seed": 0}'}, timeout=120)
+        assert response.status_code == 200, response.text
+        touched = [p for p, data in decoys.items() if not p.exists() or p.read_bytes() != data]
+        assert not touched, touched
+        escaped = [p for place in places for p in place.glob("*evil*") if p not in decoys]
+        assert not escaped, escaped
+    finally:
+        for path in decoys:
+            path.unlink(missing_ok=True)
 
 
 def test_not_an_image_gets_json_error(server, tmp_path):
