@@ -265,6 +265,7 @@ class Settings(BaseSettings):
         True, description="With the fast path and a compile cache that lacks this model's "
         "blocks (a fresh node): /readyz turns 200 once one eager generation per WARMUP shape "
         "has run, requests run eagerly while the compiled blocks are built in the background, "
+        "one at a time between requests, "
         "and each shape runs compiled from the request after its blocks are done. Off: they "
         "are compiled before /readyz turns 200. A cache that has them all loads before "
         "/readyz either way.",

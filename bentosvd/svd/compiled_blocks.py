@@ -23,8 +23,9 @@ that `aot_compile` cannot capture (or a torch without it) is compiled in-process
 Blocks can also be built in the background while requests run eagerly (a fresh node
 serving before its compile is done): a call that finds no compiled code while building is
 not allowed records what it would need (`wanted`, and `missed()` collects such calls);
-`build` then makes that code from inputs of the recorded layouts in another thread and
-stages it, and `adopt`, called between requests, puts it to use. A block's input layout
+`build` then makes that code from inputs of the recorded layouts in another thread, each
+block between two requests, and stages it, and `adopt`, called between requests, puts it
+to use. A block's input layout
 (its strides) can depend on whether the block before it ran compiled, so a run after
 `adopt` may miss blocks again: the caller builds in rounds until a run misses none.
 """
@@ -135,16 +136,19 @@ class SavedRegions:
         return all((self.cache_dir / self._file_name(key, self.wanted[key][0])).exists()
                    for key in keys)
 
-    def build(self, keys) -> None:
+    def build(self, keys, turn: Callable[[], contextlib.AbstractContextManager] =
+              contextlib.nullcontext) -> None:
         """Make the compiled code of these wanted keys (load its file, or compile and save
-        it) from inputs of the recorded shapes, and stage it for `adopt`. Safe in a thread
-        of its own while the blocks run eagerly in another: the blocks are only read."""
+        it) from inputs of the recorded shapes, and stage it for `adopt`. From a thread of
+        its own, each key's build must not overlap a call of the model in another thread
+        (torch.fx's tracer patches `torch.nn.Module.__call__` process-wide while it traces):
+        `turn()` is entered around each one, e.g. the lock the model's callers hold."""
         built = {}
         for key in keys:
             with self._lock:
                 block, forward, args, kwargs = self.wanted[key]
             args, kwargs = _materialise(args), _materialise(kwargs)
-            with torch.set_grad_enabled(key[3]):
+            with turn(), torch.set_grad_enabled(key[3]):
                 fn, guarded = self._build(key, block, forward, args, kwargs)
                 if not guarded:  # compiled in-process: its compile happens at its first call
                     fn(block, *args, **kwargs)

@@ -8,11 +8,11 @@ and torch plus diffusers would add seconds to every start of theirs.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import logging
 import os
-import sys
 import threading
 import time
 from dataclasses import dataclass, fields, replace
@@ -45,12 +45,58 @@ logger = logging.getLogger("bentoml.svd")
 # Rounds of building a shape's compiled blocks in the background: each can reveal blocks
 # whose inputs change layout once the blocks before them run compiled (two or three do).
 MAX_ROUNDS = 8
-# The GIL's switch interval while the background compile runs. PyTorch lets go of the GIL
-# inside every operator, and an eager request takes it back thousands of times a step; at
-# Python's default 5 ms the compiling thread (Dynamo and Inductor are Python) keeps it up to
-# that long each time. A short slice lets the request back in sooner, at some cost to the
-# compile's own pace (docs/performance.md, serving while compiling).
-COMPILE_SWITCH_INTERVAL = 1e-4
+# The longest the background compile defers to waiting requests before it takes its turn
+# (after the request running now): a worker never idle would otherwise never compile.
+COMPILE_DEFERS_AT_MOST = 60.0
+
+
+class GpuTurns:
+    """The engine's one-at-a-time lock, requests first: `with turns.request():` for a
+    generation, `with turns.background():` for a piece of the background compile, which
+    waits while a request waits (up to COMPILE_DEFERS_AT_MOST).
+
+    The compile must not run beside a request at all: Dynamo and Inductor are Python, so a
+    request beside them ran several times slower (the interpreter lock), and torch.fx's tracer
+    patches `torch.nn.Module.__call__` for the whole process while it traces, so a request
+    calling its modules meanwhile failed (seen on the GPU: `NameError: module is not
+    installed as a submodule`)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._state = threading.Condition()
+        self._waiting = 0
+
+    @contextlib.contextmanager
+    def request(self):
+        with self._state:
+            self._waiting += 1
+        try:
+            self._lock.acquire()
+        finally:
+            with self._state:
+                self._waiting -= 1
+                self._state.notify_all()
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    @contextlib.contextmanager
+    def background(self):
+        deadline = time.monotonic() + COMPILE_DEFERS_AT_MOST
+        while True:
+            with self._state:
+                self._state.wait_for(lambda: self._waiting == 0,
+                                     timeout=max(0.0, deadline - time.monotonic()))
+            self._lock.acquire()
+            with self._state:  # a request that came while this waited for the lock goes first
+                if self._waiting == 0 or time.monotonic() >= deadline:
+                    break
+            self._lock.release()
+        try:
+            yield
+        finally:
+            self._lock.release()
 
 
 class Stopped(Exception):
@@ -140,8 +186,8 @@ class Engine:
                             "rife": f"{rife[0]} (RIFE {self.rife.version})" if rife else None}
         # Each WARMUP shape: "compiled", "compiling" (served eagerly meanwhile) or "eager".
         self.shapes: dict[str, str] = {}
-        # One generation at a time: requests, and the background compile's warm-ups.
-        self.lock = threading.Lock()
+        # One generation at a time: requests, and the background compile's pieces.
+        self.turns = GpuTurns()
         # With CFG_PARALLEL=2 both GPUs compile during the warm-up: nothing in the
         # background, where the second GPU's process could not follow.
         if speedups.compile_unet and self.generator.saved_regions is not None \
@@ -224,22 +270,15 @@ class Engine:
         warm-up step which blocks still miss (their inputs' layout changed now that the
         blocks before them run compiled), until none do."""
         regions = self.generator.saved_regions
-        interval = sys.getswitchinterval()
-        sys.setswitchinterval(COMPILE_SWITCH_INTERVAL)
-        try:
-            self._build_shapes(regions, pending)
-        finally:
-            sys.setswitchinterval(interval)
-
-    def _build_shapes(self, regions, pending: list[tuple[str, set]]) -> None:
         for orientation, keys in pending:
             w, h = self._size(orientation)
             started, rounds = time.perf_counter(), 0
             try:
                 while keys and rounds < MAX_ROUNDS:
-                    regions.build(keys)
+                    # Block by block, each between two requests (GpuTurns says why).
+                    regions.build(keys, turn=self.turns.background)
                     rounds += 1
-                    with self.lock:
+                    with self.turns.background():
                         regions.adopt()
                         keys = self._missed_blocks(orientation)
             except Exception:
@@ -317,7 +356,7 @@ class Engine:
                 report(Step(step=step, total=total))
 
         arrived = time.perf_counter()
-        with self.lock:
+        with self.turns.request():
             timings = {"gpu_wait": time.perf_counter() - arrived}
             try:
                 check()  # the caller may have left while this request waited for the GPU
