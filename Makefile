@@ -30,12 +30,15 @@ serve: import
 # The web page's tests drive a headless Chromium, the replica tests a PostgreSQL server:
 # both installed with apt-get when missing.
 # Two pytest processes (pytest-xdist), a test file each: most of a test's time is a server
-# starting or a CPU compile, and one process leaves a core idle much of the time.
+# starting or a CPU compile, and one process leaves a core idle much of the time. Files are
+# handed out in the order tests/conftest.py gives them (the longest first):
+# --no-loadscope-reorder, or xdist would hand out the files with the most tests first and
+# start the longest ones, which have few tests, last.
 TEST_WORKERS ?= 2
 test: install
 	bash scripts/install_browser.sh
 	bash scripts/install_postgres.sh
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # The quick loop: the unit tests, no server, no compile (under 2 minutes on 2 cores).
 test-unit: install

@@ -23,6 +23,15 @@ ROOT = Path(__file__).resolve().parent.parent
 # not collected at all rather than skipped test by test.
 collect_ignore = [] if os.environ.get("BENTOSVD_GPU_TESTS") else ["gpu"]
 
+# Inductor's CPU kernels without SIMD, in this process and every one it starts (servers,
+# benchmarks, child processes inherit it): what the CPU tests check is the service's
+# handling of compiled code (warm-ups, saved blocks, guards, fallbacks), never kernel speed,
+# and scalar C++ compiles in well under half the time of vectorised C++ (a cold compile of
+# the demo's fast path: 57 s instead of 170 s on 2 cores), while the compiled demo still
+# generates about as fast as eager. Set before torch is imported (its config reads it then).
+if not os.environ.get("BENTOSVD_GPU_TESTS"):
+    os.environ.setdefault("TORCHINDUCTOR_VEC_ISA_OK", "0")
+
 
 # The longest files (a cold compile in a server, the benchmark, compiled blocks, killed
 # servers), run first: `make test` hands whole files to two processes in this order, and a

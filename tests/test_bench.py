@@ -17,7 +17,10 @@ from tests.conftest import ROOT
 def test_bench_runs_on_cpu_with_demo_model(tmp_path):
     out = tmp_path / "bench.json"
     result = subprocess.run(
+        # 4 frames, 3 steps (the profile's): each generation costs a fraction of the
+        # demo's 8 and 8, and every part of the run still runs.
         [sys.executable, "-m", "benchmarks.bench", "--model", "demo", "--repeats", "1",
+         "--frames", "4", "--steps", "3",
          "--server", "--server-starts", "cold_cache", "--server-burst", "3", "--profile", "fast",
          "--server-env", "STEP_CACHE=2", "MAX_QUEUE=1",
          "--out", str(out), "--markdown"],

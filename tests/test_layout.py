@@ -153,13 +153,20 @@ def test_a_shape_not_warmed_up_runs_eagerly_in_nchw(channels_last_cache, tmp_pat
 
 @torch.no_grad()
 def test_blocks_compiled_in_process_return_channels_last_too():
+    """compile_regions on the first down block, which holds a block of each class (each
+    compile costs seconds on the CPU; the rest of the UNet runs eagerly): both compiled
+    blocks return channels-last (run eagerly, a block's output is NCHW: see above)."""
     unet = build_demo(4)["unet"]
-    unet(torch.randn(1, 4, 8, 8, 8), torch.tensor(10.0), torch.randn(1, 1, 32), torch.randn(1, 3))
+    inputs = (torch.randn(1, 4, 8, 8, 8), torch.tensor(10.0), torch.randn(1, 1, 32), torch.randn(1, 3))
+    unet(*inputs)
     torch._dynamo.reset()
-    compile_regions(unet, UNET_REGIONS, channels_last=True)
-    seen = record_layouts(unet)
-    unet(torch.randn(1, 4, 8, 8, 8), torch.tensor(10.0), torch.randn(1, 1, 32), torch.randn(1, 3))
-    assert seen and all(out for _, out in seen)
+    first = unet.down_blocks[0]
+    assert sorted(type(m).__name__ for m in first.modules() if type(m).__name__ in UNET_REGIONS) \
+        == sorted(UNET_REGIONS)
+    compile_regions(first, UNET_REGIONS, channels_last=True)
+    seen = record_layouts(first)
+    unet(*inputs)
+    assert len(seen) == 2 and all(out for _, out in seen), seen
 
 
 def test_step_caching_keeps_to_the_warmed_blocks(channels_last_cache, tmp_path):
