@@ -33,12 +33,13 @@ if not os.environ.get("BENTOSVD_GPU_TESTS"):
     os.environ.setdefault("TORCHINDUCTOR_VEC_ISA_OK", "0")
 
 
-# The longest files (a cold compile in a server, the benchmark, compiled blocks, killed
-# servers), run first: `make test` hands whole files to two processes in this order, and a
-# long file started last would leave one process idle at the end.
-LONGEST_FIRST = ("test_fast_path.py", "test_bench.py", "test_saved_regions.py",
-                 "test_durable_jobs.py", "test_reliability.py", "test_layout.py",
-                 "test_replicas.py", "test_stepcache.py")
+# The longest files (a cold compile in a server, killed servers, compiled blocks, the
+# benchmark), longest first: `make test` hands whole files to two processes in this order
+# (--no-loadscope-reorder), and a long file started last would leave one process idle at
+# the end.
+LONGEST_FIRST = ("test_fast_path.py", "test_reliability.py", "test_stepcache.py",
+                 "test_saved_regions.py", "test_layout.py", "test_service.py",
+                 "test_durable_jobs.py", "test_bench.py", "test_replicas.py")
 
 
 def pytest_collection_modifyitems(items):
