@@ -403,29 +403,15 @@ class _PeerStep:
     """The peer's UNet with the leader's speed-ups, run on one half per step."""
 
     def __init__(self, unet, device: torch.device, speedups: Speedups, cache_dir: Path | None):
-        from bentosvd.svd.compiled_blocks import (
-            UNET_REGIONS,
-            SavedRegions,
-            compile_regions,
-            region_forward,
-        )
-        from bentosvd.svd.generator import use_unet_speedups
+        from bentosvd.svd.generator import compile_blocks, use_unet_speedups
 
         self.unet, self.device, self.count = unet, device, 0
         self.compiles, self.compile_ok = speedups.compile_unet, False
         self.compiled_shapes: set = set()
         use_unet_speedups(unet, speedups, device)
-        self.saved = False
-        if speedups.compile_unet and speedups.compile_regions:
-            if speedups.save_compiled and not speedups.fp8 and cache_dir is not None:
-                blocks = [m for m in unet.modules() if type(m).__name__ in UNET_REGIONS]
-                SavedRegions(blocks, cache_dir, may_build=lambda: self.compile_ok,
-                             forward_of=lambda b: region_forward(
-                                 b, speedups.channels_last_blocks))
-                self.saved = True
-            else:
-                compile_regions(unet, UNET_REGIONS, channels_last=speedups.channels_last_blocks)
-        elif speedups.compile_unet:
+        self.saved = compile_blocks(unet, speedups, cache_dir,
+                                    may_build=lambda: self.compile_ok) is not None
+        if speedups.compile_unet and not speedups.compile_regions:
             unet.compile(dynamic=False)
         self.out = None
 

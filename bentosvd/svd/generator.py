@@ -53,23 +53,10 @@ class VideoGenerator:
         # dynamic=False in every compile below: each image orientation gets kernels of its
         # own fixed shape; letting the second shape turn the graph dynamic gives slower
         # kernels to both.
-        regions = speedups.compile_unet and speedups.compile_regions
-        self.saved_regions = None
-        # Not with torchao's FP8 tensors (never tried through aot_compile): those compile
-        # in-process.
-        saved = speedups.save_compiled and not speedups.fp8
-        if regions and saved and cache_dir is not None:
-            blocks = [m for m in unet.modules() if type(m).__name__ in UNET_REGIONS]
-            if speedups.compile_vae:
-                blocks.append(vae.decoder)
-            # Built only while new shapes may compile (the warm-up). The UNet's blocks
-            # hand on channels-last, the decoder not.
-            self.saved_regions = SavedRegions(
-                blocks, cache_dir, may_build=lambda: self.compile_new_shapes,
-                forward_of=lambda block: region_forward(
-                    block, speedups.channels_last_blocks and block is not vae.decoder))
-        elif regions:
-            compile_regions(unet, UNET_REGIONS, channels_last=speedups.channels_last_blocks)
+        # The decoder is kept on disk beside the UNet's blocks when they are.
+        self.saved_regions = compile_blocks(unet, speedups, cache_dir,
+                                            may_build=lambda: self.compile_new_shapes,
+                                            decoder=vae.decoder if speedups.compile_vae else None)
         whole = speedups.compile_unet and not speedups.compile_regions
         self.step_cache = None
         if speedups.step_cache:
@@ -284,6 +271,29 @@ def sync(device: torch.device) -> None:
     """Wait for the device's queued work (a no-op on the CPU), so times are true."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def compile_blocks(unet: torch.nn.Module, speedups: Speedups, cache_dir: Path | None,
+                   may_build: Callable[[], bool],
+                   decoder: torch.nn.Module | None = None) -> SavedRegions | None:
+    """The UNet's blocks compiled one by one, as `speedups` asks (the leader's UNet and,
+    with CFG_PARALLEL=2, the peer's alike): kept on disk in `cache_dir` with `decoder`
+    (built only while `may_build()`), returned as their SavedRegions; or compiled in-process
+    (None, and `decoder` is the caller's). Compiling the whole UNet is the caller's."""
+    if not (speedups.compile_unet and speedups.compile_regions):
+        return None
+    # Not with torchao's FP8 tensors (never tried through aot_compile): those compile
+    # in-process.
+    if speedups.save_compiled and not speedups.fp8 and cache_dir is not None:
+        blocks = [m for m in unet.modules() if type(m).__name__ in UNET_REGIONS]
+        if decoder is not None:
+            blocks.append(decoder)
+        # The UNet's blocks hand on channels-last, the decoder not.
+        return SavedRegions(blocks, cache_dir, may_build=may_build,
+                            forward_of=lambda block: region_forward(
+                                block, speedups.channels_last_blocks and block is not decoder))
+    compile_regions(unet, UNET_REGIONS, channels_last=speedups.channels_last_blocks)
+    return None
 
 
 def use_unet_speedups(unet: torch.nn.Module, speedups: Speedups, device: torch.device) -> None:

@@ -720,7 +720,7 @@ def download_error(error: Exception, *, repo_id: str, revision: str, endpoint: s
         f" cache ({cache_dir or constants.HF_HUB_CACHE}) and are not fetched again."
     )
 
-    full = _disk_full(error)
+    full = disk_full(error)
     if full is not None:
         cache = Path(cache_dir or constants.HF_HUB_CACHE)
         return DownloadError(
@@ -777,12 +777,15 @@ def download_error(error: Exception, *, repo_id: str, revision: str, endpoint: s
     return None
 
 
-def _disk_full(error: BaseException) -> OSError | None:
-    """The ENOSPC / EDQUOT error behind `error` (itself, or what it was raised from), if any."""
+def disk_full(error: BaseException) -> OSError | None:
+    """The ENOSPC / EDQUOT error behind `error` (itself, or what it was raised from), if any.
+    BentoML's copy into the model store re-raises a full disk as an OSError without its
+    errno: its text is what says so."""
     seen: set[int] = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        if isinstance(error, OSError) and (error.errno in (errno.ENOSPC, errno.EDQUOT)
+                                           or "[Errno 28]" in str(error)):
             return error
         error = error.__cause__ or error.__context__
     return None

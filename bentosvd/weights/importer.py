@@ -16,7 +16,6 @@ Re-running is safe: a model with the same files is not registered twice.
 from __future__ import annotations
 
 import argparse
-import errno
 import os
 import sys
 import tempfile
@@ -96,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def explain(error: Exception) -> str | None:
     """The one paragraph for a failure the user can act on; None for a bug."""
-    from bentosvd.weights.hub import ConversionError, DownloadError, MissingFilesError
+    from bentosvd.weights.hub import ConversionError, DownloadError, MissingFilesError, disk_full
     from bentosvd.weights.rife_models import BadRifeWeights
     from bentosvd.weights.store import MissingModel
 
@@ -105,11 +104,9 @@ def explain(error: Exception) -> str | None:
         return str(error)
     if isinstance(error, ValidationError):  # a setting such as MODEL_VERSION out of range
         return f"a setting is invalid: {error}"
-    # BentoML's copy into the model store re-raises a full disk without its errno, so its
-    # text is what says so.
-    if isinstance(error, OSError) and (error.errno == errno.ENOSPC
-                                       or "[Errno 28]" in str(error)):
-        where = f" writing {error.filename}" if error.filename else ""
+    full = disk_full(error)
+    if full is not None:
+        where = f" writing {full.filename}" if full.filename else ""
         return (f"the disk is full{where}. Free some space, or point HF_HOME (the download "
                 "cache) and TMPDIR (the staging folder) at a bigger disk, then re-run the same "
                 "command: files that finished downloading are kept.")
