@@ -83,7 +83,7 @@ VARIANTS: dict[str, Variant] = {
                 description="AnimateLCM-SVD-xt: SVD-XT distilled to 1-8 steps without guidance; "
                 "its videos differ from SVD-XT's"),
         # Tiny random weights built in code: runs anywhere in seconds, makes noise.
-        Variant(name="demo", store_name="svd_demo", num_inference_steps=8, min_guidance_scale=1.0,
+        Variant(name="demo", store_name="svd_demo", num_inference_steps=4, min_guidance_scale=1.0,
                 max_guidance_scale=2.5, **_DEMO,
                 description="demo: tiny random weights, output is noise"),
         Variant(name="demo_turbo", store_name="svd_demo_turbo", **_TURBO, **_DEMO,

@@ -29,8 +29,15 @@ collect_ignore = [] if os.environ.get("BENTOSVD_GPU_TESTS") else ["gpu"]
 # and scalar C++ compiles in well under half the time of vectorised C++ (a cold compile of
 # the demo's fast path: 57 s instead of 170 s on 2 cores), while the compiled demo still
 # generates about as fast as eager. Set before torch is imported (its config reads it then).
+#
+# And one OpenMP thread per process: `make test` runs two pytest processes on two cores, and
+# each drives servers, benchmarks and child processes of its own, so two processes each
+# running torch on two threads take the cores from each other (a thread waiting at a
+# parallel region's end spins while the one it waits for has no core): beside a second
+# one, a demo generation took 2.5 times as long on two threads as on one.
 if not os.environ.get("BENTOSVD_GPU_TESTS"):
     os.environ.setdefault("TORCHINDUCTOR_VEC_ISA_OK", "0")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 # The longest files (a cold compile in a server, killed servers, compiled blocks, the

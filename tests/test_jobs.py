@@ -1,5 +1,5 @@
 """Async jobs, output formats, the optional params, /info and the per-request timings,
-against the real demo server (256×144, 8 frames, 8 steps; ~3 s a generation here)."""
+against the real demo server (256×144, 8 frames, 4 steps)."""
 
 from __future__ import annotations
 
