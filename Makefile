@@ -29,12 +29,13 @@ serve: import
 
 # The web page's tests drive a headless Chromium, the replica tests a PostgreSQL server:
 # both installed with apt-get when missing.
-# Two pytest processes (pytest-xdist), a test file each: most of a test's time is a server
-# starting or a CPU compile, and one process leaves a core idle much of the time. Files are
-# handed out in the order tests/conftest.py gives them (the longest first):
-# --no-loadscope-reorder, or xdist would hand out the files with the most tests first and
-# start the longest ones, which have few tests, last.
-TEST_WORKERS ?= 2
+# Three pytest processes (pytest-xdist), a test file each, on CI's two cores: each runs torch
+# on one thread (tests/conftest.py), and a server starting, a worker restarting or a sleep
+# leaves a core idle that a third process takes. Files are handed out in the order
+# tests/conftest.py gives them (the longest first): --no-loadscope-reorder, or xdist would
+# hand out the files with the most tests first and start the longest ones, which have few
+# tests, last.
+TEST_WORKERS ?= 3
 test: install
 	bash scripts/install_browser.sh
 	bash scripts/install_postgres.sh

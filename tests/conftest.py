@@ -26,27 +26,27 @@ collect_ignore = [] if os.environ.get("BENTOSVD_GPU_TESTS") else ["gpu"]
 # Inductor's CPU kernels without SIMD, in this process and every one it starts (servers,
 # benchmarks, child processes inherit it): what the CPU tests check is the service's
 # handling of compiled code (warm-ups, saved blocks, guards, fallbacks), never kernel speed,
-# and scalar C++ compiles in well under half the time of vectorised C++ (a cold compile of
-# the demo's fast path: 57 s instead of 170 s on 2 cores), while the compiled demo still
-# generates about as fast as eager. Set before torch is imported (its config reads it then).
+# and scalar C++ compiles in well under half the time of vectorised C++, while the compiled
+# demo still generates about as fast as eager. Set before torch is imported (its config
+# reads it then).
 #
-# And one OpenMP thread per process: `make test` runs two pytest processes on two cores, and
-# each drives servers, benchmarks and child processes of its own, so two processes each
-# running torch on two threads take the cores from each other (a thread waiting at a
-# parallel region's end spins while the one it waits for has no core): beside a second
-# one, a demo generation took 2.5 times as long on two threads as on one.
+# And one OpenMP thread per process: `make test` runs several pytest processes on two
+# cores, each driving servers and child processes of its own, and torch on two threads in
+# each would take the cores from the others (a thread waiting at a parallel region's end
+# spins while the one it waits for has no core). The figures are in docs/journal.md.
 if not os.environ.get("BENTOSVD_GPU_TESTS"):
     os.environ.setdefault("TORCHINDUCTOR_VEC_ISA_OK", "0")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 # The longest files (a cold compile in a server, killed servers, compiled blocks, the
-# benchmark), longest first: `make test` hands whole files to two processes in this order
+# benchmark), longest first: `make test` hands whole files to its processes in this order
 # (--no-loadscope-reorder), and a long file started last would leave one process idle at
 # the end.
-LONGEST_FIRST = ("test_fast_path.py", "test_reliability.py", "test_stepcache.py",
-                 "test_saved_regions.py", "test_layout.py", "test_service.py",
-                 "test_durable_jobs.py", "test_bench.py", "test_replicas.py")
+LONGEST_FIRST = ("test_fast_path.py", "test_stepcache.py", "test_layout.py",
+                 "test_reliability.py", "test_saved_regions.py", "test_service.py",
+                 "test_durable_jobs.py", "test_bench.py", "test_import_model.py",
+                 "test_cfg_parallel.py", "test_turbo.py", "test_jobs.py")
 
 
 def pytest_collection_modifyitems(items):
