@@ -41,9 +41,10 @@ test: install
 	bash scripts/install_postgres.sh
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
-# The quick loop: the unit tests, no server, no compile (under 2 minutes on 2 cores).
+# The quick loop: the unit tests, no server, no compile, in three processes (about 2 minutes
+# on 2 cores).
 test-unit: install
-	$(BIN)/python -m pytest -m "not server and not slow" -q
+	$(BIN)/python -m pytest -m "not server and not slow" -q -n 3
 
 # Every documented server setting on a CUDA GPU (tests/gpu). On the device machine, with no
 # venv: `source scripts/device_bench.sh && make test-gpu GPU_PYTHON=python3`.

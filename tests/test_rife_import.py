@@ -83,6 +83,7 @@ def test_not_rife_weights_get_one_paragraph(tmp_path):
     assert registered(tmp_path / "home") == []
 
 
+@pytest.mark.slow  # huggingface_hub retries an unreachable hub for about 20 s before it gives up
 def test_an_unreachable_hub_gets_one_paragraph(tmp_path):
     done = run(tmp_path / "home", "import_model.py", "--rife-hub", "someone/rife46", "flownet.pkl",
                HF_ENDPOINT="http://127.0.0.1:9", HF_TOKEN=GOOD_TOKEN)
