@@ -72,8 +72,8 @@ def test_the_decoder_runs_compiled_only_for_the_warmed_decoding_t(monkeypatch):
 
     from bentosvd.protocol import GenerationSettings
     from bentosvd.svd.generator import VideoGenerator
-    from bentosvd.svd.speedups import Speedups
     from bentosvd.weights.random_weights import build_demo
+    from tests.test_saved_regions import SAVED
 
     # The decoder's Python forward runs only eagerly: compiled code was traced from it once.
     eager_calls = []
@@ -87,9 +87,11 @@ def test_the_decoder_runs_compiled_only_for_the_warmed_decoding_t(monkeypatch):
     monkeypatch.setattr(TemporalDecoder, "forward", counted)
     image = np.random.default_rng(0).integers(0, 256, (144, 256, 3), dtype=np.uint8)
     torch._dynamo.reset()
-    # The fast path's decoder with the UNet left eager: the UNet's compiled blocks are the
-    # other tests' (each compile costs seconds on the CPU), and nothing here depends on them.
-    gen = VideoGenerator(build_demo(4), torch.device("cpu"), replace(Speedups.fast(), compile_unet=False))
+    # test_saved_regions' decoder, compiled in the process, with the UNet left eager: the
+    # UNet's compiled blocks are the other tests' (each compile costs seconds on the CPU),
+    # nothing here depends on them, and the decoder's kernels are then in Inductor's cache.
+    gen = VideoGenerator(build_demo(4), torch.device("cpu"),
+                         replace(SAVED, compile_unet=False, compile_regions=False, save_compiled=False))
     assert gen.pipe.vae.decoder._compiled_call_impl is not None and gen.saved_regions is None
     assert not any(m._compiled_call_impl is not None for m in gen.pipe.unet.modules())
     eager = VideoGenerator(build_demo(4), torch.device("cpu"))
