@@ -97,3 +97,15 @@ def test_a_stream_that_ends_without_a_result_is_503():
     with pytest.raises(GenerationFailed) as e:
         run(StandIn([frame(Started())]))
     assert e.value.status_code == 503
+
+
+def test_a_call_bentomls_client_times_out_is_504_and_the_worker_is_told_to_stop():
+    """A stream that stalls after its progress (the worker's deadline should end it first)
+    until BentoML's client gives up (aiohttp's timeouts are TimeoutErrors): the request
+    gets the timeout's 504, not a server error, and the worker is asked to stop it."""
+    worker = StandIn([frame(Started()), asyncio.TimeoutError()])
+    with pytest.raises(GenerationFailed) as e:
+        run(worker)
+    assert e.value.status_code == 504 and "300 s" in e.value.to_json()["message"]
+    assert worker.cancelled == ["r1"] and worker.calls == 1
+    assert issubclass(aiohttp.ServerTimeoutError, TimeoutError)  # what a read timeout raises

@@ -67,6 +67,16 @@ class WorkerClient:
                 # The client left (or its job was cancelled): tell the worker to stop.
                 asyncio.ensure_future(self.cancel(index, request_id))
                 raise
+            except TimeoutError:
+                # BentoML's client ends the call after the worker service's traffic timeout
+                # (TIMEOUT): the worker's own deadline should have ended it first, so the
+                # stream stalled. The request timed out all the same: 504, and the worker is
+                # told to stop.
+                asyncio.ensure_future(self.cancel(index, request_id))
+                logger.error("request %s: the worker's stream gave nothing more before the "
+                             "timeout", request_id)
+                raise self._failure(Failed(kind=FailureKind.TIMEOUT, message="stream stalled"),
+                                    request_id) from None
             except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError,
                     aiohttp.ClientPayloadError):  # the last: its process died mid-stream
                 if received or attempt == 2:
