@@ -75,8 +75,7 @@ class WorkerClient:
                 asyncio.ensure_future(self.cancel(index, request_id))
                 logger.error("request %s: the worker's stream gave nothing more before the "
                              "timeout", request_id)
-                raise self._failure(Failed(kind=FailureKind.TIMEOUT, message="stream stalled"),
-                                    request_id) from None
+                raise self._timed_out(request_id) from None
             except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError,
                     aiohttp.ClientPayloadError):  # the last: its process died mid-stream
                 if received or attempt == 2:
@@ -104,10 +103,13 @@ class WorkerClient:
                           "restarted); try again", status=503, request_id=request_id,
                           retry_after=self.retry_after(), error="WorkerRestarted")
 
+    def _timed_out(self, request_id: str) -> GenerationFailed:
+        return GenerationFailed(f"the video was not ready within {self.timeout} s; its "
+                                "generation was stopped", status=504, request_id=request_id)
+
     def _failure(self, event: Failed, request_id: str) -> GenerationFailed:
         if event.kind is FailureKind.TIMEOUT:
-            return GenerationFailed(f"the video was not ready within {self.timeout} s; its "
-                                    "generation was stopped", status=504, request_id=request_id)
+            return self._timed_out(request_id)
         if event.kind is FailureKind.CANCELLED:
             return GenerationFailed("the generation was cancelled", status=499,
                                     request_id=request_id)
