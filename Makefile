@@ -34,12 +34,12 @@ serve: import
 # leaves a core idle that a third process takes. Files are handed out in the order
 # tests/conftest.py gives them (the longest first): --no-loadscope-reorder, or xdist would
 # hand out the files with the most tests first and start the longest ones, which have few
-# tests, last.
+# tests, last. The slowest 15 tests are listed at the end.
 TEST_WORKERS ?= 3
 test: install
 	bash scripts/install_browser.sh
 	bash scripts/install_postgres.sh
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15
 
 # The quick loop: the unit tests, no server, no compile, in three processes (about 2 minutes
 # on 2 cores).

@@ -93,7 +93,9 @@ class Server:
             start_new_session=True,
         )
 
-    def wait_ready(self, timeout: float = 120) -> None:
+    def wait_ready(self, timeout: float = 300) -> None:
+        """Until /readyz answers 200. A limit for a server that will never be ready, not a
+        speed check: beside cold compiles on CI's two cores, a start has taken over 120 s."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -130,8 +130,15 @@ def wait_ready(server, timeout: float = 600) -> int:
     raise AssertionError(f"not ready in {timeout} s\n{server.log_text()}")
 
 
-def shapes(server) -> dict:
-    return httpx.get(f"{server.url}/info", timeout=30).json()["workers"][0]["shapes"]
+def shapes(server, timeout: float = 120) -> dict:
+    """The worker's WARMUP shapes from /info. A worker busy compiling on a loaded machine
+    can miss /info's health deadline (it is then listed as `{"loading": true}`): asked
+    again until it answers."""
+    deadline = time.monotonic() + timeout
+    while "shapes" not in (worker := httpx.get(f"{server.url}/info", timeout=30).json()["workers"][0]):
+        assert time.monotonic() < deadline, (worker, server.log_text())
+        time.sleep(1)
+    return worker["shapes"]
 
 
 @pytest.mark.timeout(1200)  # a cold compile on 2 CPU cores, shared with the other tests
