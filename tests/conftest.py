@@ -30,12 +30,17 @@ collect_ignore = [] if os.environ.get("BENTOSVD_GPU_TESTS") else ["gpu"]
 # demo still generates about as fast as eager. Set before torch is imported (its config
 # reads it then).
 #
+# And each compiled graph's wrapper in C++, built with its kernels as one library
+# (TORCHINDUCTOR_CPP_WRAPPER): fewer compiler runs, so less CPU for the same compiled
+# blocks; the blocks are traced, guarded, saved and loaded as with the Python wrapper.
+#
 # And one OpenMP thread per process: `make test` runs several pytest processes on two
 # cores, each driving servers and child processes of its own, and torch on two threads in
 # each would take the cores from the others (a thread waiting at a parallel region's end
 # spins while the one it waits for has no core). The figures are in docs/journal.md.
 if not os.environ.get("BENTOSVD_GPU_TESTS"):
     os.environ.setdefault("TORCHINDUCTOR_VEC_ISA_OK", "0")
+    os.environ.setdefault("TORCHINDUCTOR_CPP_WRAPPER", "1")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
