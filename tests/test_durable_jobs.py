@@ -18,7 +18,7 @@ import psutil
 from tests.test_jobs import submit, wait_finished
 from tests.test_service import DEMO, assert_video, post
 
-LONG = {"num_inference_steps": 12}  # seconds of work to interrupt (3x the demo's steps)
+LONG = {"num_inference_steps": 3 * DEMO.num_inference_steps}  # seconds of work to interrupt
 
 
 def wait_running(server, job_id: str, timeout: float = 60) -> dict:
