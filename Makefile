@@ -41,8 +41,8 @@ test: install
 	bash scripts/install_postgres.sh
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15
 
-# The quick loop: the unit tests, no server, no compile, in three processes (about 2 minutes
-# on 2 cores).
+# The quick loop: the unit tests, no server, no model store built by import_model.py, no
+# compile, in three processes (under 2 minutes on 2 cores).
 test-unit: install
 	$(BIN)/python -m pytest -m "not server and not slow" -q -n 3
 

@@ -54,6 +54,12 @@ LONGEST_FIRST = ("test_fast_path.py", "test_stepcache.py", "test_layout.py",
                  "test_cfg_parallel.py", "test_turbo.py", "test_jobs.py")
 
 
+# For a test that runs import_model.py (or the RIFE import) in a process of its own, building
+# a model store (the `server` marker's second half): seconds of torch imports each, so the
+# quick loop (`make test-unit`) leaves it to `make test`, as it does a server.
+builds_a_store = pytest.mark.server
+
+
 def pytest_collection_modifyitems(items):
     """Tests that start a real server (or build the model store it serves) are marked
     `server`, so that `make test-unit` can leave them out; `make test` runs everything."""

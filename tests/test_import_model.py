@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, builds_a_store
 from tests.fake_hub import (
     GOOD_TOKEN,
     NOT_GRANTED_TOKEN,
@@ -67,6 +67,7 @@ def info(home: Path, tag: str) -> dict:
     return yaml.safe_load(out.stdout)
 
 
+@builds_a_store
 def test_hub_import_registers_variant_and_encoder(tmp_path, hub_root):
     with FakeHub(hub_root) as hub:
         env = {"HF_ENDPOINT": hub.url, "HF_TOKEN": GOOD_TOKEN, "MODEL_VERSION": "svd_xt"}
@@ -90,6 +91,7 @@ def test_hub_import_registers_variant_and_encoder(tmp_path, hub_root):
         assert models(tmp_path).keys() == tags.keys()  # re-running registers nothing new
 
 
+@builds_a_store
 def test_turbo_hub_import_takes_the_unet_from_its_authors_repo(tmp_path, hub_root):
     """svd_xt_turbo: SVD-XT's VAE and encoder, AnimateLCM-SVD-xt's UNet file; the encoder is the very one
     svd_xt registers (same files, same labels: stored once), the UNet's origin is labelled on the variant."""
@@ -115,6 +117,7 @@ def test_turbo_hub_import_takes_the_unet_from_its_authors_repo(tmp_path, hub_roo
             "pipeline/scheduler/scheduler_config.json"} <= set(files)
 
 
+@builds_a_store
 def test_turbo_from_dirs(tmp_path, hub_root):
     result = run(tmp_path, "import_model.py", "--variant", "svd_xt_turbo", "--from-dir",
                  str(hub_root / SVD_XT), "--unet-from", str(hub_root / TURBO_REPO))
@@ -144,12 +147,14 @@ def assert_one_paragraph(result: subprocess.CompletedProcess, *phrases: str) -> 
         assert phrase in message, (phrase, message)
 
 
+@builds_a_store
 def test_hub_import_without_token_says_how_to_fix(tmp_path, hub_root):
     with FakeHub(hub_root) as hub:
         result = run(tmp_path, "import_model.py", "--variant", "svd_xt", HF_ENDPOINT=hub.url)
     assert_one_paragraph(result, "HF_TOKEN", f"huggingface.co/{SVD_XT}")
 
 
+@builds_a_store
 @pytest.mark.parametrize("args,env,phrases", [
     ((), {"HF_TOKEN": NOT_GRANTED_TOKEN}, ("licence", "not been granted", "HTTP 403")),
     (("--revision", "no-such-branch"), {"HF_TOKEN": GOOD_TOKEN}, ("Revision 'no-such-branch' was not found",)),
@@ -161,6 +166,7 @@ def test_hub_failures_are_one_paragraph(tmp_path, hub_root, args, env, phrases):
     assert_one_paragraph(result, *phrases)
 
 
+@builds_a_store
 def test_an_unreachable_hub_is_one_paragraph_and_debug_shows_the_traceback(tmp_path):
     url = closed_port_url()
     result = run(tmp_path, "import_model.py", "--variant", "svd_xt", HF_ENDPOINT=url, HF_TOKEN=GOOD_TOKEN)
@@ -170,6 +176,7 @@ def test_an_unreachable_hub_is_one_paragraph_and_debug_shows_the_traceback(tmp_p
     assert debug.returncode != 0 and "Traceback" in debug.stderr
 
 
+@builds_a_store
 def test_make_serve_with_no_hub_is_one_paragraph(tmp_path):
     """What `make serve MODEL_VERSION=svd_xt` runs first (the Makefile's `import` target):
     the variant is not in the (empty) model store, and the hub cannot be reached."""
@@ -179,6 +186,7 @@ def test_make_serve_with_no_hub_is_one_paragraph(tmp_path):
     assert not (tmp_path / "models" / "svd_xt").exists()
 
 
+@builds_a_store
 def test_make_import_with_no_hub_stops_with_the_paragraph(tmp_path):
     """`make import` itself (as `make serve` runs it): make stops, non-zero, after the paragraph."""
     venv = Path(sys.prefix)
@@ -233,6 +241,7 @@ def cached_files(hf_home: Path) -> set[str]:
     return {p.relative_to(s).as_posix() for s in snapshots.glob("*") for p in s.rglob("*") if p.is_file()}
 
 
+@builds_a_store
 @pytest.mark.parametrize("where", ["HF_HOME", "TMPDIR"], ids=["download cache", "staging folder"])
 def test_a_full_disk_is_one_paragraph_and_the_rerun_after_freeing_space_finishes(
         tmp_path, hub_root, small_disk, where):
@@ -269,6 +278,7 @@ def test_a_full_disk_is_one_paragraph_and_the_rerun_after_freeing_space_finishes
         assert sorted([*fetched, *finished]) == sorted(cached_files(hf_home))
 
 
+@builds_a_store
 def test_a_download_cut_off_midway_is_one_paragraph_and_the_rerun_finishes_it(tmp_path, hub_root):
     """The connection drops in the middle of the UNet's weights and the hub stays away (the
     stand-in's "cut": its port then refuses connections): huggingface_hub's own resume attempts
@@ -311,6 +321,7 @@ def test_a_bug_still_shows_its_traceback(monkeypatch, tmp_path):
         importer.main(["--variant", "svd_xt"])
 
 
+@builds_a_store
 def test_image_decoder_variant_from_dir_serves_frame_wise_vae(tmp_path, hub_root):
     result = run(tmp_path, "import_model.py", "--variant", "svd_xt_image_decoder",
                  "--from-dir", str(hub_root / SVD_XT))
@@ -321,6 +332,7 @@ def test_image_decoder_variant_from_dir_serves_frame_wise_vae(tmp_path, hub_root
     assert info(tmp_path, tag)["labels"]["source"].startswith("dir:")
 
 
+@builds_a_store
 def test_demo_import_is_idempotent_and_if_missing_skips(tmp_path):
     assert run(tmp_path, "import_model.py", "--variant", "demo").returncode == 0
     before = models(tmp_path)
@@ -329,6 +341,7 @@ def test_demo_import_is_idempotent_and_if_missing_skips(tmp_path):
     assert models(tmp_path).keys() == before.keys()
 
 
+@builds_a_store
 def test_missing_model_fails_startup_naming_tag_and_command(tmp_path):
     result = run(tmp_path, "-c", "import service", MODEL_VERSION="svd_xt")
     assert result.returncode != 0
