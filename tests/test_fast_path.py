@@ -32,17 +32,14 @@ def test_compiling_block_by_block_covers_every_block_and_matches_eager():
     from bentosvd.svd.compiled_blocks import UNET_REGIONS
     from bentosvd.svd.generator import VideoGenerator
     from bentosvd.weights.random_weights import build_demo
-    from tests.test_saved_regions import SAVED
+    from tests.test_saved_regions import IN_PROCESS
 
     settings = GenerationSettings(num_frames=4, num_inference_steps=3, min_guidance_scale=1.0,
                                   max_guidance_scale=2.0, fps=7, motion_bucket_id=127,
                                   noise_aug_strength=0.02, decode_chunk_size=2, seed=0)
     image = np.random.default_rng(0).integers(0, 256, (144, 256, 3), dtype=np.uint8)
     torch._dynamo.reset()
-    # test_saved_regions' blocks compiled in the process instead of saved (the decoder
-    # eager): the same kernels, which Inductor's cache then holds for whichever runs second.
-    gen = VideoGenerator(build_demo(4), torch.device("cpu"),
-                         replace(SAVED, save_compiled=False, compile_vae=False))
+    gen = VideoGenerator(build_demo(4), torch.device("cpu"), IN_PROCESS)
     unet = gen.pipe.unet
     blocks = [m for m in unet.modules() if type(m).__name__ in UNET_REGIONS]
     assert len(blocks) >= 6 and all(m._compiled_call_impl is not None for m in blocks)

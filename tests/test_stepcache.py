@@ -21,7 +21,7 @@ from bentosvd.svd.generator import VideoGenerator
 from bentosvd.svd.speedups import Speedups
 from bentosvd.svd.stepcache import StepCache
 from bentosvd.weights.random_weights import build_demo
-from tests.test_saved_regions import SAVED
+from tests.test_saved_regions import IN_PROCESS
 from tests.test_service import DEMO, assert_video, post
 
 SETTINGS = GenerationSettings(num_frames=4, num_inference_steps=7, min_guidance_scale=1.0,
@@ -138,9 +138,8 @@ def test_the_compiled_passes_match_the_eager_ones(regions):
     request of the warmed shape compiles nothing more."""
     torch._dynamo.reset()
     eager = VideoGenerator(build_demo(4), torch.device("cpu"), Speedups(step_cache=2))
-    # Block by block as test_saved_regions compiles them (in the process here): the deep
-    # steps' kernels are the same, and Inductor's cache gives them to whichever runs second.
-    speedups = (replace(SAVED, save_compiled=False, compile_vae=False, step_cache=2) if regions
+    # Block by block as test_saved_regions compiles them: the deep steps' kernels are theirs.
+    speedups = (replace(IN_PROCESS, step_cache=2) if regions
                 else Speedups(compile_unet=True, compile_regions=False, step_cache=2))
     compiled = VideoGenerator(build_demo(4), torch.device("cpu"), speedups)
     # A whole pass is one large graph: as one C++ file (the tests' C++ wrapper,

@@ -44,6 +44,7 @@ class WorkerClient:
 
     def __init__(self, workers: list, *, timeout: int, retry_after: Callable[[], int]):
         self.workers, self.timeout, self.retry_after = workers, timeout, retry_after
+        self._cancelling: set[asyncio.Task] = set()  # cancels sent by `_cancel_soon`
 
     async def generate(self, index: int, *, request_id: str, image: np.ndarray,
                        job: GenerationSettings, output: OutputSpec, deadline: float,
@@ -65,14 +66,14 @@ class WorkerClient:
                         on_event(event)
             except asyncio.CancelledError:
                 # The client left (or its job was cancelled): tell the worker to stop.
-                asyncio.ensure_future(self.cancel(index, request_id))
+                self._cancel_soon(index, request_id)
                 raise
             except TimeoutError:
                 # BentoML's client ends the call after the worker service's traffic timeout
                 # (TIMEOUT): the worker's own deadline should have ended it first, so the
                 # stream stalled. The request timed out all the same: 504, and the worker is
                 # told to stop.
-                asyncio.ensure_future(self.cancel(index, request_id))
+                self._cancel_soon(index, request_id)
                 logger.error("request %s: the worker's stream gave nothing more before the "
                              "timeout", request_id)
                 raise self._timed_out(request_id) from None
@@ -88,6 +89,14 @@ class WorkerClient:
             finally:
                 await stream.aclose()
             raise self._gone(request_id)
+
+    def _cancel_soon(self, index: int, request_id: str) -> None:
+        """`cancel` in a task of its own, for a caller that is itself ending (cancelled, or
+        raising): the task is kept until done, as the event loop holds only a weak
+        reference to it."""
+        task = asyncio.ensure_future(self.cancel(index, request_id))
+        self._cancelling.add(task)
+        task.add_done_callback(self._cancelling.discard)
 
     async def cancel(self, index: int, request_id: str) -> None:
         try:
