@@ -66,7 +66,7 @@ def test_jobs_outlive_a_kill_9_of_the_whole_server(start_server, test_image, tmp
     # Running or queued at the crash: run again, once, with the same seed; never a 404.
     for job, seed, params in ((running, 2, LONG), (queued, 3, {})):
         final, _ = wait_finished(again, job["id"], timeout=240)
-        assert final["status"] == "succeeded" and final["attempt"] == 2, final
+        assert final["status"] == "succeeded" and final["attempt"] == 2, str(final)
         result = httpx.get(f"{again.url}/jobs/{job['id']}/result", timeout=30)
         assert result.headers["x-seed"] == str(seed)
         # The same video as the same request gives now: the same input and seed.
@@ -126,7 +126,7 @@ def test_a_killed_worker_answers_503_with_retry_after_and_its_job_runs_again(
     wait_running(server, job["id"])
     worker_process(server).kill()
     final, _ = wait_finished(server, job["id"], timeout=300)
-    assert final["status"] == "succeeded" and final["attempt"] == 2, final
+    assert final["status"] == "succeeded" and final["attempt"] == 2, str(final)
 
 
 def test_sigterm_leaves_no_process_and_puts_the_job_back(start_server, test_image, tmp_path):
@@ -149,4 +149,4 @@ def test_sigterm_leaves_no_process_and_puts_the_job_back(start_server, test_imag
     again = start_server(JOBS_DIR=jobs_dir)
     final, _ = wait_finished(again, job["id"], timeout=300)
     # Put back by a clean stop: the interrupted attempt is not counted.
-    assert final["status"] == "succeeded" and final["attempt"] == 1, final
+    assert final["status"] == "succeeded" and final["attempt"] == 1, str(final)

@@ -37,7 +37,7 @@ def test_a_job_submitted_to_one_replica_is_followed_and_fetched_at_the_other(rep
     a, b = replicas
     job = submit(a, test_image, {"seed": 21}).json()
     final, seen = wait_finished(b, job["id"])
-    assert final["status"] == "succeeded" and final["attempt"] == 1, final
+    assert final["status"] == "succeeded" and final["attempt"] == 1, str(final)
     result = httpx.get(f"{b.url}/jobs/{job['id']}/result", timeout=30)
     assert result.status_code == 200 and result.headers["x-seed"] == "21"
     assert_video(result.content, frames=DEMO.num_frames, fps=7, size=(DEMO.width, DEMO.height))
@@ -67,7 +67,7 @@ def test_a_killed_replicas_job_is_taken_over_and_finishes(replicas, test_image):
     wait_running(b, job["id"])
     kill_9(a)
     final, seen = wait_finished(b, job["id"], timeout=300)
-    assert final["status"] == "succeeded" and final["attempt"] == 2, final
+    assert final["status"] == "succeeded" and final["attempt"] == 2, str(final)
     assert any(s["status"] == "queued" and s["attempt"] == 2 for s in seen) or \
         seen[0]["attempt"] == 1
     result = httpx.get(f"{b.url}/jobs/{job['id']}/result", timeout=30)

@@ -9,7 +9,7 @@ import aiohttp
 import numpy as np
 import pytest
 
-from bentosvd.api.worker_client import GenerationFailed, WorkerClient
+from bentosvd.api.worker_client import SENDS, GenerationFailed, WorkerClient
 from bentosvd.protocol import (
     Done,
     Failed,
@@ -70,6 +70,19 @@ def test_a_stale_connection_before_any_byte_is_sent_once_more():
     worker = StandIn([aiohttp.ServerDisconnectedError()], [frame(DONE)])
     assert run(worker) == DONE
     assert worker.calls == 2
+
+
+def test_a_dead_workers_pooled_connections_are_each_tried_before_503():
+    """A worker that died leaves more than one dead connection in the pool (the request
+    that was running, an idle one): the request is sent until one reaches the new worker,
+    up to SENDS times, then it is 503."""
+    dead = [aiohttp.ClientOSError(104, "Connection reset by peer")]
+    worker = StandIn(dead, dead, [frame(DONE)])  # the running request's and an idle one
+    assert run(worker) == DONE
+    assert worker.calls == 3
+    with pytest.raises(GenerationFailed) as e:
+        run(StandIn(*[dead] * SENDS))
+    assert e.value.status_code == 503
 
 
 def test_a_worker_gone_mid_stream_is_503_with_retry_after():

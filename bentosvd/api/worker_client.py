@@ -28,6 +28,9 @@ from bentosvd.protocol import (
 logger = logging.getLogger("bentoml.svd")
 
 HEALTH_TIMEOUT = 5  # seconds /livez waits for a worker's health before taking it as loading
+# Sends of a request that no worker received (its connection was dead before a byte came
+# back): a worker that died leaves every pooled connection to it dead, not just one.
+SENDS = 3
 
 
 class GenerationFailed(ServiceError):
@@ -49,7 +52,7 @@ class WorkerClient:
     async def generate(self, index: int, *, request_id: str, image: np.ndarray,
                        job: GenerationSettings, output: OutputSpec, deadline: float,
                        on_event: Callable = lambda event: None) -> Done:
-        for attempt in (1, 2):
+        for attempt in range(1, SENDS + 1):
             received = False
             stream = self.workers[index].to_async.generate(
                 request_id=request_id, image=image, job=job, output=output, deadline=deadline)
@@ -78,13 +81,19 @@ class WorkerClient:
                              "timeout", request_id)
                 raise self._timed_out(request_id) from None
             except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError,
-                    aiohttp.ClientPayloadError):  # the last: its process died mid-stream
-                if received or attempt == 2:
+                    aiohttp.ClientPayloadError) as e:  # the last: its process died mid-stream
+                if received or attempt == SENDS:
+                    logger.warning("request %s: the worker's connection failed after %d "
+                                   "send(s), %s: %r", request_id, attempt,
+                                   "mid-stream" if received else "before any byte came", e)
                     raise self._gone(request_id) from None
                 # The worker closes idle connections after 5 s while the client pool keeps
-                # them for 15 s (BentoML issue #4971); the request never reached the worker,
-                # so sending it once more is safe.
-                logger.info("worker connection was stale; retrying once")
+                # them for 15 s (BentoML issue #4971), and a worker that died (BentoML starts
+                # it again) leaves all of its pooled connections dead: the request never
+                # reached a worker, so sending it again is safe. The pause lets the event
+                # loop see the other dead connections close, so that the pool drops them.
+                logger.info("worker connection was stale; sending the request again")
+                await asyncio.sleep(0.2 * attempt)
                 continue
             finally:
                 await stream.aclose()
