@@ -48,10 +48,32 @@ if not os.environ.get("BENTOSVD_GPU_TESTS"):
 # benchmark), longest first: `make test` hands whole files to its processes in this order
 # (--no-loadscope-reorder), and a long file started last would leave one process idle at
 # the end.
-LONGEST_FIRST = ("test_fast_path.py", "test_stepcache.py", "test_layout.py",
-                 "test_reliability.py", "test_saved_regions.py", "test_service.py",
-                 "test_durable_jobs.py", "test_bench.py", "test_import_model.py",
-                 "test_cfg_parallel.py", "test_turbo.py", "test_jobs.py")
+LONGEST_FIRST = ("test_fast_path.py", "test_stepcache.py", "test_saved_regions.py",
+                 "test_reliability.py", "test_layout.py", "test_durable_jobs.py",
+                 "test_service.py", "test_bench.py", "test_import_model.py",
+                 "test_webhooks.py", "test_jobs.py", "test_rife_import.py",
+                 "test_cfg_parallel.py", "test_replicas.py", "test_turbo.py", "test_ui.py")
+
+# Files that compile the same blocks (the demo UNet's, NCHW, landscape: IN_PROCESS and
+# SAVED in test_saved_regions) go to one process as one unit, in this order, so that the
+# later ones find the kernels in Inductor's cache instead of compiling them at the same
+# time as the first (`pytest_xdist_make_scheduler` below).
+ONE_PROCESS = ("test_fast_path.py", "test_stepcache.py", "test_saved_regions.py")
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadfile` with ONE_PROCESS's files handed out as one unit. (xdist's own
+    loadgroup cannot be used: it renames the tests' node ids, which pytest 9 ignores.)"""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FilesScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            file = nodeid.split("::", 1)[0]
+            return "compiled NCHW blocks" if Path(file).name in ONE_PROCESS else file
+
+    return FilesScheduling(config, log)
 
 
 # For a test that runs import_model.py (or the RIFE import) in a process of its own, building
@@ -62,7 +84,8 @@ builds_a_store = pytest.mark.server
 
 def pytest_collection_modifyitems(items):
     """Tests that start a real server (or build the model store it serves) are marked
-    `server`, so that `make test-unit` can leave them out; `make test` runs everything."""
+    `server`, so that `make test-unit` can leave them out; `make test` runs everything.
+    The files go in LONGEST_FIRST's order."""
     for item in items:
         if {"server_factory", "bentoml_home"} & set(item.fixturenames):
             item.add_marker(pytest.mark.server)
@@ -71,6 +94,8 @@ def pytest_collection_modifyitems(items):
         name = item.path.name
         return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
     items.sort(key=rank)  # stable: the order within a file and among the rest is kept
+
+
 BIN = Path(sys.executable).parent
 
 
@@ -170,9 +195,9 @@ def server_factory(bentoml_home, tmp_path_factory):
         # Async jobs kept in a folder of the server's own, unless the test shares one
         # (a restart, replicas).
         env.setdefault("JOBS_DIR", str(tmp_path_factory.mktemp("jobs")))
-        # One shape warmed before ready (tests send landscape images), not both: a second
-        # of CPU less for every server the suite starts. The shared `server` keeps both.
-        env.setdefault("WARMUP", '["landscape"]')
+        # No shape warmed before ready: seconds of CPU less for every server the suite
+        # starts. The tests of the warm-up ask for it (the shared `server` keeps the default).
+        env.setdefault("WARMUP", "[]")
         full_env = demo_env(bentoml_home, **env)
         log = tmp_path_factory.mktemp("server") / "server.log"
         server = Server(list(args), full_env, cwd, log)

@@ -118,27 +118,21 @@ def test_overload_is_refused_with_429_and_health_keeps_answering(start_server, t
     assert rejected and float(rejected[0].split()[-1]) == statuses.count(429)
 
 
-def test_readyz_turns_200_only_once_the_model_is_loaded(start_server):
-    server = start_server(wait=False)
+def ready_after_not_ready(server, timeout: float = 300) -> list:
+    """Poll /readyz every 0.1 s from the server's start until it answers 200 (read the log
+    at once then); what it answered before (a status, or the error while nothing listened)."""
     not_ready = []
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             status = httpx.get(f"{server.url}/readyz", timeout=2).status_code
         except httpx.HTTPError as e:  # not listening yet
             status = type(e).__name__
         if status == 200:
-            break
+            return not_ready
         not_ready.append(status)
         time.sleep(0.1)
-    # Read at once: the worker had logged its model loaded before /readyz said 200.
-    assert status == 200, not_ready[-5:]
-    log = server.log.read_text()
-    # The engine's own lines, not BentoML's "initialized" (which says only that the
-    # worker's constructor returned): the model loaded, and the warm-up ran.
-    assert "GenerationWorker:1] loaded " in log and "warmed up landscape" in log, log[-3000:]
-    assert not_ready, "/readyz was never seen before the model had loaded"
-    assert set(not_ready) <= {503, "ConnectError", "ReadTimeout"}, not_ready
+    raise AssertionError(f"not ready in {timeout} s: {not_ready[-5:]}\n{server.log_text()}")
 
 
 def test_probes_answer_while_a_loading_worker_holds_its_event_loop_and_sigterm_stops(
@@ -206,14 +200,19 @@ def test_sigterm_lets_the_request_in_flight_finish(start_server, test_image):
 
 def test_gpu_workers_each_get_requests_and_readyz_waits_for_all(start_server, test_image):
     """GPU_WORKERS=2 on the CPU: one worker service per GPU (GenerationWorker and
-    GenerationWorker2, each asking BentoML for one GPU); /readyz turns 200 only once both
-    have loaded the model (the second loads 8 s longer here), and concurrent requests go to
-    different workers."""
-    server = start_server(GPU_WORKERS="2", INJECT_LOAD_DELAY="[0, 8]", wait=False)
-    server.wait_ready()
+    GenerationWorker2, each asking BentoML for one GPU); /readyz says 503 (or nothing yet)
+    until both have loaded the model and run the warm-up (the second loads 8 s longer here),
+    then 200, and concurrent requests go to different workers."""
+    server = start_server(GPU_WORKERS="2", INJECT_LOAD_DELAY="[0, 8]", WARMUP='["landscape"]',
+                          wait=False)
+    not_ready = ready_after_not_ready(server)
     log = server.log.read_text()  # read at once: both had loaded before /readyz said 200
+    # The engine's own lines, not BentoML's "initialized" (which says only that the
+    # worker's constructor returned): the model loaded, and the warm-up ran.
     for name in ("GenerationWorker", "GenerationWorker2"):
         assert f"{name}:1] loaded " in log and f"{name}:1] warmed up landscape" in log, name
+    assert not_ready, "/readyz was never seen before the models had loaded"
+    assert set(not_ready) <= {503, "ConnectError", "ReadTimeout"}, not_ready
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         responses = list(pool.map(lambda i: post(server, test_image, {"seed": i}), range(4)))
     assert [r.status_code for r in responses] == [200] * 4
