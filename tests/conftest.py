@@ -48,11 +48,12 @@ if not os.environ.get("BENTOSVD_GPU_TESTS"):
 # benchmark), longest first: `make test` hands whole files to its processes in this order
 # (--no-loadscope-reorder), and a long file started last would leave one process idle at
 # the end.
-LONGEST_FIRST = ("test_fast_path.py", "test_stepcache.py", "test_saved_regions.py",
-                 "test_reliability.py", "test_layout.py", "test_durable_jobs.py",
-                 "test_service.py", "test_bench.py", "test_import_model.py",
-                 "test_webhooks.py", "test_jobs.py", "test_rife_import.py",
-                 "test_cfg_parallel.py", "test_replicas.py", "test_turbo.py", "test_ui.py")
+LONGEST_FIRST = ("test_fresh_node.py", "test_fast_path.py", "test_stepcache.py",
+                 "test_saved_regions.py", "test_layout.py", "test_reliability.py",
+                 "test_durable_jobs.py", "test_service.py", "test_bench.py",
+                 "test_import_model.py", "test_webhooks.py", "test_jobs.py",
+                 "test_rife_import.py", "test_cfg_parallel.py", "test_replicas.py",
+                 "test_turbo.py", "test_ui.py")
 
 # Files that compile the same blocks (the demo UNet's, NCHW, landscape: IN_PROCESS and
 # SAVED in test_saved_regions) go to one process as one unit, in this order, so that the
