@@ -32,9 +32,10 @@ serve: import
 # Two pytest processes (pytest-xdist), a test file each, one per core of CI's two: each runs
 # torch on one thread (tests/conftest.py). A third fills the moments a server starts or a
 # test sleeps, but overloaded CI's machine beside the cold compiles (docs/journal.md).
-# Files are handed out in the order tests/conftest.py gives them (the longest first):
-# --no-loadscope-reorder, or xdist would hand out the files with the most tests first and
-# start the longest ones, which have few tests, last. The slowest 15 are listed at the end.
+# Files are handed out in the order tests/conftest.py gives them (the longest first; the
+# files that compile the same blocks as one unit): --no-loadscope-reorder, or xdist would
+# hand out the files with the most tests first and start the longest ones, which have few
+# tests, last. The slowest 15 are listed at the end.
 TEST_WORKERS ?= 2
 test: install
 	bash scripts/install_browser.sh
