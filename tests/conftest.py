@@ -130,20 +130,24 @@ class Server:
             start_new_session=True,
         )
 
-    def wait_ready(self, timeout: float = 300) -> None:
-        """Until /readyz answers 200. A limit for a server that will never be ready, not a
-        speed check: beside cold compiles on CI's two cores, a start has taken over 120 s."""
-        deadline = time.monotonic() + timeout
+    def wait_ready(self, timeout: float = 300, every: float = 0.5) -> list:
+        """Poll /readyz every `every` s until it answers 200; what it answered before (a
+        status, or the error's name while nothing listened). `timeout`: a limit for a
+        server that will never be ready, not a speed check (beside cold compiles on CI's
+        two cores, a start has taken over 120 s)."""
+        deadline, not_ready = time.monotonic() + timeout, []
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited {self.proc.returncode}:\n{self.log_text()}")
             try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise TimeoutError(f"server not ready in {timeout} s:\n{self.log_text()}")
+                status = httpx.get(f"{self.url}/readyz", timeout=2).status_code
+            except httpx.HTTPError as e:
+                status = type(e).__name__
+            if status == 200:
+                return not_ready
+            not_ready.append(status)
+            time.sleep(every)
+        raise TimeoutError(f"server not ready in {timeout} s: {not_ready[-5:]}\n{self.log_text()}")
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")[-5000:]

@@ -19,21 +19,6 @@ from tests.test_service import DEMO, assert_video, post
 pytestmark = pytest.mark.slow  # a cold torch.compile on the CPU: minutes
 
 
-def wait_ready(server, timeout: float = 600) -> int:
-    """Poll /readyz until 200; how many polls said not ready."""
-    deadline, not_ready = time.monotonic() + timeout, 0
-    while time.monotonic() < deadline:
-        assert server.proc.poll() is None, server.log_text()
-        try:
-            if httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200:
-                return not_ready
-        except httpx.HTTPError:
-            pass
-        not_ready += 1
-        time.sleep(0.5)
-    raise AssertionError(f"not ready in {timeout} s\n{server.log_text()}")
-
-
 def shapes(server, timeout: float = 120) -> dict:
     """The worker's WARMUP shapes from /info. A worker busy compiling on a loaded machine
     can miss /info's health deadline (it is then listed as `{"loading": true}`): asked
@@ -61,7 +46,7 @@ def test_a_fresh_node_serves_while_compiling_and_a_restart_loads(start_server, t
                # torch logs every recompilation of a compiled function under this setting.
                TORCH_LOGS="recompiles")
     server = start_server(wait=False, **env)
-    assert wait_ready(server) > 0
+    assert server.wait_ready(timeout=600)  # not ready at first
     log = server.log.read_text(errors="replace")
     # Ready, and the compile not done: its line is written only later.
     assert re.search(r"landscape \(256x144\) runs eagerly \(warmed in [\d.]+ s\) while its \d+ "

@@ -118,23 +118,6 @@ def test_overload_is_refused_with_429_and_health_keeps_answering(start_server, t
     assert rejected and float(rejected[0].split()[-1]) == statuses.count(429)
 
 
-def ready_after_not_ready(server, timeout: float = 300) -> list:
-    """Poll /readyz every 0.1 s from the server's start until it answers 200 (read the log
-    at once then); what it answered before (a status, or the error while nothing listened)."""
-    not_ready = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            status = httpx.get(f"{server.url}/readyz", timeout=2).status_code
-        except httpx.HTTPError as e:  # not listening yet
-            status = type(e).__name__
-        if status == 200:
-            return not_ready
-        not_ready.append(status)
-        time.sleep(0.1)
-    raise AssertionError(f"not ready in {timeout} s: {not_ready[-5:]}\n{server.log_text()}")
-
-
 def test_probes_answer_while_a_loading_worker_holds_its_event_loop_and_sigterm_stops(
         start_server, test_image):
     """A worker that holds its event loop while it loads (as importing torch and compiling
@@ -205,7 +188,7 @@ def test_gpu_workers_each_get_requests_and_readyz_waits_for_all(start_server, te
     then 200, and concurrent requests go to different workers."""
     server = start_server(GPU_WORKERS="2", INJECT_LOAD_DELAY="[0, 8]", WARMUP='["landscape"]',
                           wait=False)
-    not_ready = ready_after_not_ready(server)
+    not_ready = server.wait_ready(every=0.1)
     log = server.log.read_text()  # read at once: both had loaded before /readyz said 200
     # The engine's own lines, not BentoML's "initialized" (which says only that the
     # worker's constructor returned): the model loaded, and the warm-up ran.
