@@ -20,6 +20,9 @@ from fake_hub import GOOD_TOKEN, FakeHub  # noqa: E402
 from bentosvd.rife.ifnet import build_random  # noqa: E402
 from tests.conftest import ROOT, builds_a_store  # noqa: E402
 
+# Each test runs import_model.py in a process of its own, building a model store.
+pytestmark = builds_a_store
+
 LIST = ("import bentoml, json; print(json.dumps([[str(m.tag), m.info.labels] "
         "for m in bentoml.models.list() if m.tag.name == 'rife']))")
 
@@ -49,7 +52,6 @@ def flownet(tmp_path) -> Path:
     return path
 
 
-@builds_a_store
 def test_from_a_file_with_its_version_and_checksum(tmp_path, flownet):
     done = run(tmp_path / "home", "import_model.py", "--rife-file", str(flownet))
     assert done.returncode == 0, done.stderr
@@ -62,7 +64,6 @@ def test_from_a_file_with_its_version_and_checksum(tmp_path, flownet):
     assert len(registered(tmp_path / "home")) == 1
 
 
-@builds_a_store
 def test_from_a_hub_repo_with_the_commit(tmp_path, flownet):
     repo = tmp_path / "hub" / "someone" / "rife46"
     repo.mkdir(parents=True)
@@ -76,7 +77,6 @@ def test_from_a_hub_repo_with_the_commit(tmp_path, flownet):
     assert labels["source"] == "hf:someone/rife46/flownet.pkl" and labels["revision"] == commit
 
 
-@builds_a_store
 def test_not_rife_weights_get_one_paragraph(tmp_path):
     bad = tmp_path / "model.pth"
     torch.save({"conv.weight": torch.zeros(3, 3)}, bad)
@@ -86,7 +86,6 @@ def test_not_rife_weights_get_one_paragraph(tmp_path):
     assert registered(tmp_path / "home") == []
 
 
-@builds_a_store
 @pytest.mark.slow  # huggingface_hub retries an unreachable hub for about 20 s before it gives up
 def test_an_unreachable_hub_gets_one_paragraph(tmp_path):
     done = run(tmp_path / "home", "import_model.py", "--rife-hub", "someone/rife46", "flownet.pkl",

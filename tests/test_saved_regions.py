@@ -44,9 +44,10 @@ SETTINGS = GenerationSettings(num_frames=4, num_inference_steps=3, min_guidance_
 IMAGE = np.random.default_rng(0).integers(0, 256, (144, 256, 3), dtype=np.uint8)
 SAVED = Speedups(single_token_cross_attention=True, compile_unet=True, compile_regions=True,
                  save_compiled=True, compile_vae=True)
-# The same UNet blocks compiled in the process instead of saved, the decoder eager: other
-# compile tests use them so that Inductor's cache holds their kernels for whichever runs
-# second (a different configuration would compile kernels of its own).
+# The same UNet blocks compiled in the process instead of saved, the decoder eager: the
+# other compile tests of ONE_PROCESS (tests/conftest.py) use them, so that Inductor's cache
+# holds their kernels for the ones that run later (a different configuration would compile
+# kernels of its own).
 IN_PROCESS = replace(SAVED, save_compiled=False, compile_vae=False)
 
 
