@@ -715,7 +715,7 @@ def parse_args(argv=None, device: torch.device | None = None) -> argparse.Namesp
     args.model = args.model or ("synthetic" if device.type == "cuda" else "demo")
     demo = args.model == "demo"
     variant = VARIANTS[args.variant]
-    args.frames = args.frames or (8 if demo else 25)
+    args.frames = args.frames or VARIANTS["demo" if demo else "svd_xt"].num_frames
     # A turbo variant at its authors' step count; SVD's at the benchmark's own.
     args.steps = args.steps or (variant.num_inference_steps if variant.sampler != "euler"
                                 else 8 if demo else 25)

@@ -1,6 +1,6 @@
 """The turbo variant (AnimateLCM-SVD-xt): its authors' defaults in VARIANTS, its sampler loaded
 and seeded, warmed at its own guidance, and the demo turbo served end to end by one real
-server (256×144, 8 frames, 4 steps)."""
+server (256×144, 4 frames, 4 steps)."""
 
 from __future__ import annotations
 
