@@ -55,11 +55,12 @@ LONGEST_FIRST = ("test_fresh_node.py", "test_fast_path.py", "test_stepcache.py",
                  "test_rife_import.py", "test_cfg_parallel.py", "test_replicas.py",
                  "test_turbo.py", "test_ui.py")
 
-# Files that compile the same blocks (the demo UNet's, NCHW, landscape: IN_PROCESS and
-# SAVED in test_saved_regions) go to one process as one unit, in this order, so that the
-# later ones find the kernels in Inductor's cache instead of compiling them at the same
-# time as the first (`pytest_xdist_make_scheduler` below).
-ONE_PROCESS = ("test_fast_path.py", "test_stepcache.py", "test_saved_regions.py")
+# Files that compile the same blocks (the demo UNet's, channels-last, landscape: IN_PROCESS
+# and SAVED in test_saved_regions) go to one process as one unit, in this order, so that
+# the later ones find the kernels in Inductor's cache instead of compiling them at the same
+# time as the first, and the saved blocks (`saved_blocks`) are compiled once for the last
+# two (`pytest_xdist_make_scheduler` below).
+ONE_PROCESS = ("test_fast_path.py", "test_stepcache.py", "test_saved_regions.py", "test_layout.py")
 
 
 def pytest_xdist_make_scheduler(config, log):
@@ -72,9 +73,23 @@ def pytest_xdist_make_scheduler(config, log):
     class FilesScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             file = nodeid.split("::", 1)[0]
-            return "compiled NCHW blocks" if Path(file).name in ONE_PROCESS else file
+            return "compiled blocks" if Path(file).name in ONE_PROCESS else file
 
     return FilesScheduling(config, log)
+
+
+@pytest.fixture(scope="session")
+def saved_blocks(tmp_path_factory):
+    """The demo UNet's blocks and VAE decoder compiled ahead of time for the landscape shape
+    (test_saved_regions' SAVED) into a folder: (folder, what the warm-up counted, the video
+    then made). Built once per test process for test_saved_regions and test_layout (one
+    unit, ONE_PROCESS), which only read the folder: a test that adds to it copies it."""
+    from bentosvd.weights.random_weights import build_demo
+    from tests.test_saved_regions import IMAGE, SETTINGS, warmed
+
+    folder = tmp_path_factory.mktemp("saved_blocks")
+    gen = warmed(build_demo(4), folder)
+    return folder, dict(gen.saved_regions.counts), gen.generate(IMAGE, SETTINGS)
 
 
 # For a test that runs import_model.py (or the RIFE import) in a process of its own, building

@@ -28,7 +28,7 @@ from tests.test_saved_regions import IMAGE, SAVED, SETTINGS, assert_close, warme
 
 pytestmark = pytest.mark.slow  # torch.compile on the CPU: tens of seconds a test
 
-CHANNELS_LAST = replace(SAVED, channels_last_blocks=True)
+CHANNELS_LAST = SAVED  # as the service compiles its blocks
 
 
 def test_the_fast_path_uses_it():
@@ -82,11 +82,10 @@ def eager_frames():
 
 
 @pytest.fixture(scope="module")
-def channels_last_cache(tmp_path_factory):
-    """The channels-last blocks compiled once for this module: (folder, files)."""
-    cache = tmp_path_factory.mktemp("channels_last")
-    gen = warmed(build_demo(4), cache, CHANNELS_LAST)
-    assert set(gen.saved_regions.counts) == {"compiled"}, gen.saved_regions.counts
+def channels_last_cache(saved_blocks):
+    """The channels-last blocks compiled once (test_saved_regions' too): (folder, files)."""
+    cache, counts, _ = saved_blocks
+    assert set(counts) == {"compiled"}, counts
     return cache, set(cache.glob("*.bin"))
 
 
