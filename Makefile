@@ -37,14 +37,15 @@ serve: import
 
 # The web page's tests drive a headless Chromium, the replica tests a PostgreSQL server:
 # both installed with apt-get when missing.
-# Two pytest processes (pytest-xdist), a test file each, one per core of CI's two: each runs
-# torch on one thread (tests/conftest.py). A third fills the moments a server starts or a
-# test sleeps, but overloaded CI's machine beside the cold compiles (docs/journal.md).
+# Three pytest processes (pytest-xdist), a test file each, on CI's two cores: each runs torch
+# on one thread (tests/conftest.py), and with two the cores stood idle a quarter of the
+# time while tests waited on servers starting, killed workers and sleeps; the third fills
+# that (docs/journal.md, 2026-12-03, night).
 # Files are handed out in the order tests/conftest.py gives them (the longest first; the
 # files that compile the same blocks as one unit): --no-loadscope-reorder, or xdist would
 # hand out the files with the most tests first and start the longest ones, which have few
 # tests, last. The slowest 15 are listed at the end.
-TEST_WORKERS ?= 2
+TEST_WORKERS ?= 3
 test: install
 	bash scripts/install_browser.sh
 	bash scripts/install_postgres.sh
