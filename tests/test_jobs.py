@@ -59,7 +59,9 @@ def test_job_reports_progress_then_serves_the_video(server, test_image):
 
 
 def test_queued_jobs_know_their_place_and_cancel_stops_the_work(server, test_image):
-    jobs = [submit(server, test_image, {"seed": i}).json() for i in range(3)]
+    # The first runs long enough (20 steps, 3 s on an idle core) to be cancelled while it runs.
+    long = {"num_inference_steps": 5 * DEMO.num_inference_steps}
+    jobs = [submit(server, test_image, {"seed": i, **(long if i == 0 else {})}).json() for i in range(3)]
     statuses = [httpx.get(f"{server.url}/jobs/{j['id']}").json() for j in jobs]
     assert statuses[2]["status"] == "queued" and statuses[2]["queue_position"] in (0, 1), statuses
     # Cancel the last (queued) and the first (running) one; the middle one still finishes.
