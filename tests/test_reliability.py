@@ -121,13 +121,13 @@ def test_overload_is_refused_with_429_and_health_keeps_answering(start_server, t
 def test_probes_answer_while_a_loading_worker_holds_its_event_loop_and_sigterm_stops(
         start_server, test_image):
     """A worker that holds its event loop while it loads (as importing torch and compiling
-    do; here 12 s more) answers no probe. /readyz must answer 503 after BentoML's 5-s probe
+    do; here 20 s more) answers no probe. /readyz must answer 503 after BentoML's 5-s probe
     of it, not hold the request until the 300-s traffic timeout, which also held a SIGTERM's
     shutdown that long (CI failure of 2026-11-28: the server was still up 60 s after
     SIGTERM). /livez must answer within its 5 s too (it waited for the worker: 31.8 s with a
     25-s delay): 200 while the worker has been silent for less than WORKER_SILENT_LIMIT
     (here 4 s), then 503, and 200 again once the worker answers."""
-    server = start_server(wait=False, INJECT_LOAD_DELAY="[12]", WORKER_SILENT_LIMIT="4")
+    server = start_server(wait=False, INJECT_LOAD_DELAY="[20]", WORKER_SILENT_LIMIT="4")
     ready, live = [], []
 
     def probe(path: str, into: list) -> int | None:
