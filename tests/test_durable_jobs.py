@@ -16,11 +16,8 @@ import httpx
 import psutil
 
 from tests.test_jobs import submit, wait_finished
-from tests.test_service import DEMO, assert_video, post
+from tests.test_service import DEMO, LONG, assert_video, post
 
-# Seconds of work to interrupt: 20 steps, 3 s on an idle core, so that a kill after the
-# first second of it (wait_busy) still finds it running.
-LONG = {"num_inference_steps": 5 * DEMO.num_inference_steps}
 
 
 def wait_running(server, job_id: str, timeout: float = 60) -> dict:

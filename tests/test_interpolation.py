@@ -20,7 +20,7 @@ from bentosvd.media.video import probe_video
 from bentosvd.rife.ifnet import build_random
 from bentosvd.rife.interpolate import interpolate_frames, times_for_fps
 from bentosvd.rife.stream import StreamingInterpolation
-from tests.test_service import assert_video, post
+from tests.test_service import assert_video, frames_at, post
 from tests.test_video import decode
 
 DEMO = VARIANTS["demo"]
@@ -57,11 +57,6 @@ def test_params_that_disagree_are_refused_naming_the_field():
     for rife, method in ((True, "rife"), (False, "minterpolate")):
         _, output = plan_generation(Params(interpolate_fps=14), DEMO, "mp4", rife=rife)
         assert output.interpolation == method
-
-
-def frames_at(fps: int) -> int:
-    """The demo's frames (7 fps) interpolated to `fps`: one on every 1/fps s of its span."""
-    return (DEMO.num_frames - 1) * fps // 7 + 1
 
 
 @pytest.mark.server

@@ -14,7 +14,7 @@ import pytest
 from bentosvd.config import VARIANTS
 from bentosvd.media.video import probe_video
 from tests.conftest import ROOT, demo_env, make_image
-from tests.test_service import DEMO, assert_video, post
+from tests.test_service import DEMO, LONG, assert_video, frames_at, post
 
 
 def submit(server, image, params: dict | None = None) -> httpx.Response:
@@ -59,9 +59,8 @@ def test_job_reports_progress_then_serves_the_video(server, test_image):
 
 
 def test_queued_jobs_know_their_place_and_cancel_stops_the_work(server, test_image):
-    # The first runs long enough (20 steps, 3 s on an idle core) to be cancelled while it runs.
-    long = {"num_inference_steps": 5 * DEMO.num_inference_steps}
-    jobs = [submit(server, test_image, {"seed": i, **(long if i == 0 else {})}).json() for i in range(3)]
+    # The first runs long enough to be cancelled while it runs.
+    jobs = [submit(server, test_image, {"seed": i, **(LONG if i == 0 else {})}).json() for i in range(3)]
     statuses = [httpx.get(f"{server.url}/jobs/{j['id']}").json() for j in jobs]
     assert statuses[2]["status"] == "queued" and statuses[2]["queue_position"] in (0, 1), statuses
     # Cancel the last (queued) and the first (running) one; the middle one still finishes.
@@ -125,8 +124,7 @@ def test_optional_params_change_the_video(server, test_image, tmp_path):
     bounce = post(server, test_image, {"seed": 0, "num_frames": 3, "boomerang": True})
     assert_video(bounce.content, frames=4, fps=7, size=(DEMO.width, DEMO.height))  # 0 1 2 1
     smooth = post(server, test_image, {"seed": 0, "fps_id": 6, "interpolate_fps": 14})
-    assert_video(smooth.content, frames=(DEMO.num_frames - 1) * 2 + 1, fps=14,
-                 size=(DEMO.width, DEMO.height))
+    assert_video(smooth.content, frames=frames_at(14), fps=14, size=(DEMO.width, DEMO.height))
     portrait = post(server, test_image, {"seed": 0, "orientation": "portrait", "sizing": "pad"})
     assert_video(portrait.content, frames=DEMO.num_frames, fps=7, size=(DEMO.height, DEMO.width))
 

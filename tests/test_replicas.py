@@ -10,10 +10,10 @@ import httpx
 import pytest
 
 from tests.postgres import Postgres
-from tests.test_durable_jobs import LONG, kill_9, wait_running
+from tests.test_durable_jobs import kill_9, wait_running
 from tests.test_jobs import submit, wait_finished
 from tests.test_reliability import wait_for_log
-from tests.test_service import DEMO, assert_video
+from tests.test_service import DEMO, LONG, assert_video
 
 LEASE = "3"  # seconds without a heartbeat before a replica is taken for dead
 

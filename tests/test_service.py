@@ -18,6 +18,14 @@ from bentosvd.media.video import probe_video
 from tests.conftest import ROOT, make_image
 
 DEMO = VARIANTS["demo"]
+# Seconds of work to interrupt: 20 steps, 3 s on an idle core, so that a kill or a cancel
+# after the first second of it still finds it running.
+LONG = {"num_inference_steps": 5 * DEMO.num_inference_steps}
+
+
+def frames_at(fps: int) -> int:
+    """The demo's frames (7 fps) interpolated to `fps`: one on every 1/fps s of its span."""
+    return (DEMO.num_frames - 1) * fps // 7 + 1
 
 # The blog's command, as DESIGN.md gives it; only the port differs.
 BLOG_CURL = """curl -X 'POST' 'http://localhost:3000/generate' \

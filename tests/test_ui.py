@@ -17,6 +17,7 @@ import pytest
 
 from bentosvd.media.video import probe_video
 from tests.conftest import make_image
+from tests.test_service import LONG
 
 GENERATION_MS = 90_000  # a demo generation takes ~3 s on a CPU; a slow shared CI machine more
 
@@ -313,7 +314,7 @@ def test_a_second_job_shows_its_place_in_the_queue(browser, server, ui, tmp_path
     for page in (first, second):
         page.open()
         page.choose(make_image(tmp_path / "photo.png", size=(800, 600)))
-    first.page.fill("#param-num_inference_steps", "20")  # 3 s of the demo's one worker
+    first.page.fill("#param-num_inference_steps", str(LONG["num_inference_steps"]))
     with first.page.expect_response(lambda r: r.url.endswith("/jobs")):
         first.page.click("#submit")
     second.page.click("#submit")  # while the worker is busy with the first
